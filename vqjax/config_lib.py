@@ -1,0 +1,167 @@
+"""Shared config pieces and start-up validation.
+
+Recipe files under `configs/` build on `tokenizer_config()` and change fields;
+`validate_tokenizer_config` runs before any compilation so that a wrong
+setting gives one clear message.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def tokenizer_config() -> ml_collections.ConfigDict:
+  """The VQGAN baseline at SPEC section 1 sizes (256px, f16, K=1024, d=256)."""
+  c = ml_collections.ConfigDict()
+  c.trainer = "tokenizer"
+  c.seed = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by `model`
+  c.mesh.model = 1
+  # 'replicate': every parameter on every device; 'channels': shard the last
+  # (output-channel) axis of kernels over `model` where it divides.
+  c.mesh.param_sharding = "replicate"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "tfds"  # 'tfds' | 'folder' | 'embedded'
+  c.data.name = "imagenet2012"
+  c.data.data_dir = ""  # '' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.data.folder = ""
+  c.data.val_folder = ""
+  c.data.val_fraction = 0.05
+  c.data.train_split = "train"
+  c.data.val_split = "validation"
+  c.data.image_size = 256
+  c.data.resize_shorter = 256
+  c.data.random_flip = True
+  c.data.eval_random_crop = False
+  c.data.crops_per_image = 256  # embedded set only
+  c.data.eval_crops_per_image = 16  # embedded set only
+
+  c.model = ml_collections.ConfigDict()
+  c.model.ch = 128
+  c.model.ch_mult = (1, 1, 2, 2, 4)
+  c.model.num_res_blocks = 2
+  c.model.attn_resolutions = (16,)
+  c.model.z_channels = 256
+  c.model.norm_groups = 32
+  c.model.quantizer = ml_collections.ConfigDict()
+  c.model.quantizer.name = "vq"
+  c.model.quantizer.codebook_size = 1024
+  c.model.quantizer.embed_dim = 256
+  c.model.quantizer.beta = 0.25
+  c.model.quantizer.learning = "loss"  # 'loss' | 'ema'
+  c.model.quantizer.ema_decay = 0.99
+  c.model.quantizer.ema_epsilon = 1e-5
+
+  c.disc = ml_collections.ConfigDict()
+  c.disc.ndf = 64
+  c.disc.num_layers = 3
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.l1_weight = 1.0
+  c.loss.perceptual_weight = 1.0
+  c.loss.codebook_weight = 1.0
+  c.loss.disc_weight = 0.8
+  c.loss.disc_start = 250_001
+  c.loss.adaptive_weight_max = 1e4
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.disc_lr = 1e-4
+  c.optim.b1 = 0.5
+  c.optim.b2 = 0.9
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 500_000
+  c.train.batch_size = 256
+  c.train.log_every = 100
+  c.train.image_every = 5000
+  c.train.checkpoint_every = 5000
+  c.train.keep_checkpoints = 3
+  c.train.max_consecutive_nonfinite = 10
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 25_000
+  c.eval.batch_size = 64
+  c.eval.max_examples = 10_000  # 0 = the whole split
+  c.eval.checkpoint_step = -1  # --mode=eval: -1 = latest
+  return c
+
+
+def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrink a tokenizer config to a few CPU steps on the embedded data set."""
+  c.data.source = "embedded"
+  c.data.image_size = 32
+  c.data.resize_shorter = 64
+  c.data.crops_per_image = 8
+  c.data.eval_crops_per_image = 2
+  c.model.ch = 16
+  c.model.ch_mult = (1, 2)
+  c.model.num_res_blocks = 1
+  c.model.attn_resolutions = ()
+  c.model.z_channels = 16
+  c.model.norm_groups = 8
+  c.model.quantizer.codebook_size = 32
+  c.model.quantizer.embed_dim = 8
+  c.disc.ndf = 8
+  c.disc.num_layers = 2
+  c.loss.disc_start = 2
+  c.train.steps = 4
+  c.train.batch_size = 8
+  c.train.log_every = 2
+  c.train.image_every = 4
+  c.train.checkpoint_every = 2
+  c.eval.every_steps = 4
+  c.eval.batch_size = 8
+  c.eval.max_examples = 8
+  return c
+
+
+class ConfigError(ValueError):
+  """A config value the code cannot run with; the message says what to change."""
+
+
+def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
+                              process_count: int = 1) -> None:
+  """Check what would otherwise fail deep inside compilation."""
+  m = c.model
+  factor = 2 ** (len(m.ch_mult) - 1)
+  if c.data.image_size % factor:
+    raise ConfigError(
+        f"data.image_size={c.data.image_size} is not divisible by the encoder's downsampling "
+        f"factor {factor} (model.ch_mult={tuple(m.ch_mult)}): use a multiple of {factor}, "
+        f"e.g. {max(factor, c.data.image_size // factor * factor)}.")
+  widths = [m.ch * k for k in m.ch_mult] + [m.ch]
+  bad = [w for w in widths if w % m.norm_groups]
+  if bad:
+    raise ConfigError(f"model.norm_groups={m.norm_groups} does not divide channel width {bad[0]}"
+                      f" (model.ch={m.ch}, ch_mult={tuple(m.ch_mult)}).")
+  if m.quantizer.embed_dim <= 0 or m.quantizer.codebook_size <= 1:
+    raise ConfigError("model.quantizer.embed_dim must be > 0 and codebook_size > 1.")
+  if m.quantizer.learning not in ("loss", "ema"):
+    raise ConfigError(f"model.quantizer.learning must be 'loss' or 'ema', "
+                      f"not {m.quantizer.learning!r}.")
+  data_size = mesh_data_size(c, num_devices)
+  for name, batch in (("train.batch_size", c.train.batch_size),
+                      ("eval.batch_size", c.eval.batch_size)):
+    if batch % data_size or batch % process_count:
+      raise ConfigError(
+          f"{name}={batch} cannot be split over the mesh's data axis of size {data_size} "
+          f"and {process_count} process(es): use a multiple of {data_size * process_count}.")
+  if c.mesh.param_sharding not in ("replicate", "channels"):
+    raise ConfigError(f"mesh.param_sharding must be 'replicate' or 'channels', "
+                      f"not {c.mesh.param_sharding!r}.")
+
+
+def mesh_data_size(c: ml_collections.ConfigDict, num_devices: int) -> int:
+  """Size of the `data` mesh axis; raises if (data, model) does not fit the devices."""
+  model = c.mesh.model
+  if model < 1 or num_devices % model:
+    raise ConfigError(f"mesh.model={model} does not divide the {num_devices} devices.")
+  data = c.mesh.data if c.mesh.data > 0 else num_devices // model
+  if data * model != num_devices:
+    raise ConfigError(f"mesh (data={data}, model={model}) needs {data * model} devices, "
+                      f"but {num_devices} are visible: set mesh.data=-1 or fix the sizes.")
+  return data

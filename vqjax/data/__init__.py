@@ -1,0 +1,1 @@
+"""Data sources (TFDS, image folders, the embedded set) and Grain pipelines."""

@@ -1,0 +1,109 @@
+"""Grain input pipelines: decode, resize + crop, flip, scale to [-1, 1], batch.
+
+Deterministic given a seed; the training iterator's state (`get_state()`)
+is saved with every checkpoint so a resumed run sees the same batches.
+Multi-host: each process reads a disjoint slice of the source and yields its
+share of the global batch.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+
+import grain
+import numpy as np
+from PIL import Image
+
+from vqjax.data.sources import build_source
+
+
+class Preprocess:
+  """record -> {'image': float32 [S, S, 3] in [-1, 1], 'label': int32}, or None if corrupt.
+
+  Used with `MapDataset.random_map`, which hands each element its own
+  generator seeded from (seed, index): crops and flips are reproducible.
+  Corrupt images are logged, counted in `num_corrupt` and skipped.
+  """
+
+  def __init__(self, image_size: int, resize_shorter: int, random_crop: bool, random_flip: bool):
+    self.image_size = image_size
+    self.resize_shorter = max(resize_shorter, image_size)
+    self.random_crop = random_crop
+    self.random_flip = random_flip
+    self.num_corrupt = 0
+    self._lock = threading.Lock()
+
+  def _decode(self, record: dict) -> np.ndarray | None:
+    image = record["image"]
+    if isinstance(image, (bytes, bytearray)):
+      try:
+        with Image.open(io.BytesIO(image)) as im:
+          return np.asarray(im.convert("RGB"))
+      except Exception as e:  # PIL raises several types for bad files
+        with self._lock:
+          self.num_corrupt += 1
+        logging.warning("skipping corrupt image %s (%s)", record.get("path", "?"), e)
+        return None
+    image = np.asarray(image)
+    if image.ndim == 2 or image.shape[-1] == 1:
+      image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
+    return image[..., :3]
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict | None:
+    image = self._decode(record)
+    if image is None:
+      return None
+    h, w = image.shape[:2]
+    scale = self.resize_shorter / min(h, w)
+    if scale != 1.0:
+      size = (max(self.image_size, round(w * scale)), max(self.image_size, round(h * scale)))
+      image = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+      h, w = image.shape[:2]
+    s = self.image_size
+    if self.random_crop:
+      top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+    else:
+      top, left = (h - s) // 2, (w - s) // 2
+    image = image[top:top + s, left:left + s]
+    if self.random_flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    image = image.astype(np.float32) / 127.5 - 1.0
+    return {"image": image, "label": np.int32(record["label"])}
+
+
+def train_dataset(config, process_index: int = 0, process_count: int = 1):
+  """Infinite, shuffled, per-process training IterDataset and its Preprocess."""
+  d = config.data
+  source = build_source(d, d.train_split)
+  preprocess = Preprocess(d.image_size, d.resize_shorter, True, d.random_flip)
+  per_process = config.train.batch_size // process_count
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.shuffle(seed=config.seed).repeat(None).random_map(preprocess, seed=config.seed + 1)
+  ds = ds.to_iter_dataset().batch(per_process, drop_remainder=True)
+  return ds, preprocess
+
+
+def eval_batches(config, process_index: int = 0, process_count: int = 1):
+  """A finite, deterministic pass over the validation split.
+
+  Yields per-process batches of a fixed size padded at the end; `mask` is 1
+  for real examples and 0 for padding, so every batch splits over the mesh.
+  """
+  d = config.data
+  source = build_source(d, d.val_split)
+  preprocess = Preprocess(d.image_size, d.resize_shorter, d.eval_random_crop, False)
+  per_process = config.eval.batch_size // process_count
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.random_map(preprocess, seed=config.seed + 2)
+  if config.eval.max_examples > 0:
+    ds = ds[: config.eval.max_examples // process_count]
+  for batch in ds.to_iter_dataset().batch(per_process, drop_remainder=False):
+    n = batch["image"].shape[0]
+    pad = per_process - n
+    batch["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    if pad:
+      batch["image"] = np.concatenate([batch["image"], np.repeat(batch["image"][-1:], pad, 0)])
+      batch["label"] = np.concatenate([batch["label"], np.repeat(batch["label"][-1:], pad, 0)])
+    yield batch

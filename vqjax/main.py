@@ -1,0 +1,47 @@
+"""Entry point: python -m vqjax.main --config=configs/<recipe>.py[:variant] --workdir=DIR.
+
+  --mode=train (default) trains, resuming from the latest checkpoint in DIR;
+  --mode=eval evaluates the latest (or config.eval.checkpoint_step) checkpoint.
+  Any config field can be overridden: --config.train.steps=50. Configs are
+  locked, so a misspelt key stops here, before anything is built.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Recipe file, e.g. configs/demo.py or configs/vqgan_imagenet.py:smoke.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  if config.trainer != "tokenizer":
+    raise app.UsageError(f"config.trainer={config.trainer!r} is not one this version runs "
+                         "('tokenizer').")
+  from vqjax.config_lib import ConfigError
+  from vqjax.data.sources import DataSetNotFoundError
+  from vqjax.train import loop, run
+
+  try:
+    if _MODE.value == "train":
+      run.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      run.evaluate(config, _WORKDIR.value)
+  except (ConfigError, DataSetNotFoundError, loop.NonFiniteLossError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

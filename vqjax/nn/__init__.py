@@ -1,0 +1,1 @@
+"""Flax Linen modules: thin wrappers around vqjax.ops."""

@@ -1,0 +1,1 @@
+"""Trainers: jitted steps over explicit state, one shared loop."""
