@@ -86,6 +86,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 25_000
   c.eval.batch_size = 64
   c.eval.max_examples = 10_000  # 0 = the whole split
+  c.eval.at_start = False  # also evaluate the untrained model at step 0
   c.eval.checkpoint_step = -1  # --mode=eval: -1 = latest
   return c
 

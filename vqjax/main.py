@@ -43,5 +43,17 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl parsing, with a config-key typo reported as one line naming the nearest keys."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError) as e:
+    message = " ".join(str(e).replace("\\n", " ").replace("\\'", "'").split())
+    if len(message) > 1 and message[0] == message[-1] == "'":
+      message = message[1:-1]
+    print(f"error: bad command line or config override: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -34,9 +34,11 @@ class Setup:
   eval_step: Callable
 
 
-def setup(config) -> Setup:
-  validate_tokenizer_config(config, jax.device_count(), jax.process_count())
-  mesh = partitioning.make_mesh(config)
+def setup(config, devices=None) -> Setup:
+  """Models, mesh, initial state and jitted steps; `devices` defaults to all."""
+  devices = list(devices if devices is not None else jax.devices())
+  validate_tokenizer_config(config, len(devices), jax.process_count())
+  mesh = partitioning.make_mesh(config, devices)
   models = build_models(config)
   mode = config.mesh.param_sharding
   rng = jax.random.PRNGKey(config.seed)
@@ -100,6 +102,9 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=config.train.log_every)
   history = []
+  if step == 0 and config.eval.at_start:
+    write_eval(writer, workdir, 0, *evaluate_tokenizer(
+        s.eval_step, state.params, state.vq_stats, s.lpips_params, config, s.mesh))
   try:
     while step < total and not stop:
       batch = next(data_iter)

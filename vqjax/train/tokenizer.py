@@ -64,17 +64,17 @@ def _variables(params, vq_stats) -> dict:
   return {"params": params, **({"vq_stats": vq_stats} if vq_stats else {})}
 
 
-def last_layer_grad(loss_of_output, x_hat: jax.Array, features: jax.Array, conv_params) -> jax.Array:
-  """d loss / d W of the decoder's last conv, x_hat = conv(features; W, b).
+def last_layer_grad(grad_output: jax.Array, features: jax.Array, conv_params) -> jax.Array:
+  """d loss / d W of the decoder's last conv, given d loss / d x_hat.
 
-  Formed as a VJP through that one conv: no second pass through the decoder.
-  All inputs are treated as constants (the adaptive weight carries no grad).
+  x_hat = conv(features; W, b), so the kernel gradient is one VJP through
+  that conv: no second pass through the decoder or the loss networks. All
+  inputs are constants here (the adaptive weight carries no gradient).
   """
-  g_out = jax.grad(loss_of_output)(sg(x_hat))
-  conv = nn.Conv(x_hat.shape[-1], (3, 3))
+  conv = nn.Conv(grad_output.shape[-1], (3, 3))
   _, vjp = jax.vjp(lambda k: conv.apply({"params": {"kernel": k, "bias": conv_params["bias"]}},
                                         sg(features)), sg(conv_params["kernel"]))
-  return vjp(g_out)[0]
+  return vjp(sg(grad_output))[0]
 
 
 def _all_finite(*trees) -> jax.Array:
@@ -101,34 +101,41 @@ def make_train_step(models: TokenizerModels, config):
     x = batch["image"]
     use_gan = state.step >= lc.disc_start
 
-    def generator_loss(params):
+    def generator(params):
       (x_hat, q), mutated = models.vqgan.apply(
           _variables(params, state.vq_stats), x, train=True,
           mutable=["vq_stats", "intermediates"])
       features = mutated["intermediates"]["decoder"]["last_features"][0]
-      rec, (l1, perceptual) = rec_loss(x, x_hat, lpips_params)
       quant = sum(q.losses.values())
+      return (x_hat, quant), (q, features, mutated.get("vq_stats", {}))
 
-      def gan_terms():
-        g_loss = losses.hinge_g_loss(models.disc.apply({"params": state.disc_params}, x_hat))
-        conv_params = params["decoder"]["conv_out"]
-        grad_rec = last_layer_grad(lambda o: rec_loss(x, o, lpips_params)[0], x_hat, features,
-                                   conv_params)
-        grad_gan = last_layer_grad(
-            lambda o: losses.hinge_g_loss(models.disc.apply({"params": state.disc_params}, o)),
-            x_hat, features, conv_params)
-        weight = losses.adaptive_weight(grad_rec, grad_gan, lc.adaptive_weight_max)
-        return g_loss, weight
+    # One generator forward; the loss networks (LPIPS, D) each run forward and
+    # backward once, giving d L / d x_hat, which is pulled back through the
+    # generator with the adaptive weight applied. Equal to differentiating
+    # L_rec + w_q L_vq + disc_weight * sg(lambda) * L_G with respect to params.
+    (x_hat, quant), pullback, (q, features, vq_stats) = jax.vjp(
+        generator, state.params, has_aux=True)
+    (rec, (l1, perceptual)), g_rec = jax.value_and_grad(
+        lambda o: rec_loss(x, o, lpips_params), has_aux=True)(x_hat)
 
-      g_loss, weight = jax.lax.cond(use_gan, gan_terms, lambda: (jnp.zeros(()), jnp.zeros(())))
-      total = rec + lc.codebook_weight * quant + lc.disc_weight * weight * g_loss
-      aux = dict(x_hat=x_hat, q=q, vq_stats=mutated.get("vq_stats", {}), l1=l1,
-                 perceptual=perceptual, g_loss=g_loss, weight=weight)
-      return total, aux
+    def gan_terms():
+      g_loss, g_gan = jax.value_and_grad(
+          lambda o: losses.hinge_g_loss(models.disc.apply({"params": state.disc_params}, o)))(x_hat)
+      conv_params = state.params["decoder"]["conv_out"]
+      weight = losses.adaptive_weight(last_layer_grad(g_rec, features, conv_params),
+                                      last_layer_grad(g_gan, features, conv_params),
+                                      lc.adaptive_weight_max)
+      return g_loss, weight, g_gan
 
-    (total, aux), grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params)
+    g_loss, weight, g_gan = jax.lax.cond(
+        use_gan, gan_terms, lambda: (jnp.zeros(()), jnp.zeros(()), jnp.zeros_like(x_hat)))
+    total = rec + lc.codebook_weight * quant + lc.disc_weight * weight * g_loss
+    (grads,) = pullback((g_rec + lc.disc_weight * weight * g_gan,
+                         jnp.asarray(lc.codebook_weight, quant.dtype)))
     updates, opt_state = models.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    aux = dict(x_hat=x_hat, vq_stats=vq_stats, l1=l1, perceptual=perceptual, g_loss=g_loss,
+               weight=weight)
 
     x_fake = sg(aux["x_hat"])
 
@@ -150,7 +157,6 @@ def make_train_step(models: TokenizerModels, config):
         use_gan, disc_update, disc_idle)
 
     finite = _all_finite(total, d_loss, grads, d_grads)
-    q = aux["q"]
     new_state = state.replace(
         step=state.step + 1,
         params=_select(finite, params, state.params),

@@ -1,0 +1,26 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def load_config(spec: str):
+  """`configs/x.py:variant` -> locked ConfigDict, as the command line would build it."""
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("cfg_" + os.path.basename(path)[:-3],
+                                                       os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+@pytest.fixture
+def smoke_config():
+  config = load_config("configs/demo.py:smoke")
+  return config

@@ -1,0 +1,63 @@
+"""Start-up validation: one clear error before anything is built."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from vqjax.config_lib import ConfigError, validate_tokenizer_config
+
+
+def test_image_size_the_encoder_cannot_divide(smoke_config):
+  with smoke_config.unlocked():
+    smoke_config.model.ch_mult = (1, 2, 2)
+    smoke_config.data.image_size = 30
+  with pytest.raises(ConfigError, match="not divisible .* factor 4"):
+    validate_tokenizer_config(smoke_config, num_devices=1)
+
+
+def test_batch_the_mesh_cannot_split(smoke_config):
+  with smoke_config.unlocked():
+    smoke_config.train.batch_size = 6
+  with pytest.raises(ConfigError, match="train.batch_size=6 .* multiple of 4"):
+    validate_tokenizer_config(smoke_config, num_devices=4)
+  with smoke_config.unlocked():
+    smoke_config.train.batch_size = 8
+    smoke_config.mesh.model = 3
+  with pytest.raises(ConfigError, match="mesh.model=3"):
+    validate_tokenizer_config(smoke_config, num_devices=4)
+
+
+def test_norm_groups_must_divide_widths(smoke_config):
+  with smoke_config.unlocked():
+    smoke_config.model.norm_groups = 5
+  with pytest.raises(ConfigError, match="norm_groups=5"):
+    validate_tokenizer_config(smoke_config, num_devices=1)
+
+
+def test_valid_smoke_config_passes(smoke_config):
+  validate_tokenizer_config(smoke_config, num_devices=1)
+
+
+def test_codebook_dim_mismatch_is_named():
+  import jax.numpy as jnp
+
+  from vqjax.nn.quantizers import VectorQuantizer
+
+  with pytest.raises(ValueError, match="codebook dim is 4"):
+    VectorQuantizer(codebook_size=8, embed_dim=4).init({"params": __import__("jax").random.PRNGKey(0)},
+                                                       jnp.zeros((1, 2, 2, 3)))
+
+
+def test_cli_rejects_a_misspelt_key_before_running(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "vqjax.main", "--config=configs/demo.py:smoke",
+       f"--workdir={workdir}", "--config.train.stepz=5"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert 'Did you mean "steps"' in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not os.path.exists(workdir)

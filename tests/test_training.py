@@ -1,0 +1,88 @@
+"""End-to-end training on the embedded set: smoke runs, exact resume, NaN handling."""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, load_config
+from vqjax.train import checkpoint, partitioning
+from vqjax.train.loop import NonFiniteGuard, NonFiniteLossError, StopRequest
+from vqjax.train.run import evaluate, setup, train_and_evaluate
+
+CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_smoke_variant_trains_and_evaluates(path, tmp_path):
+  config = load_config(f"{path}:smoke")
+  state = train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == config.train.steps
+  report = json.load(open(tmp_path / f"eval_{config.train.steps}.json"))
+  assert 0.0 < report["codebook_usage"] <= 1.0 and np.isfinite(report["psnr"])
+  assert glob.glob(str(tmp_path / "images" / "reconstructions_*.png"))
+  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  again = evaluate(config, str(tmp_path))  # --mode=eval on the saved checkpoint
+  np.testing.assert_allclose(again["psnr"], report["psnr"], rtol=1e-5)
+
+
+def test_killed_run_resumes_exactly(tmp_path, smoke_config):
+  c = smoke_config
+  with c.unlocked():
+    c.train.steps = 6
+    c.train.checkpoint_every = 100  # only the save on stop
+    c.train.image_every = 100
+    c.eval.every_steps = 100
+  straight = train_and_evaluate(c, str(tmp_path / "straight"))
+
+  stop = StopRequest()
+  def kill_after_3(step):
+    if step == 3:
+      stop.event.set()  # what SIGTERM does
+  partial = train_and_evaluate(c, str(tmp_path / "resumed"), stop=stop, after_step=kill_after_3)
+  assert int(partial.step) == 3
+  resumed = train_and_evaluate(c, str(tmp_path / "resumed"))
+  assert int(resumed.step) == 6
+  for a, b in zip(jax.tree.leaves(jax.device_get(straight)), jax.tree.leaves(jax.device_get(resumed))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_batch_skips_the_update(smoke_config):
+  s = setup(smoke_config)
+  bad = np.zeros((8, 32, 32, 3), np.float32)
+  bad[0, 0, 0, 0] = np.nan
+  batch = partitioning.shard_batch({"image": bad, "label": np.zeros(8, np.int32)}, s.mesh)
+  before = jax.device_get(s.state)
+  state, metrics = s.train_step(s.state, batch, s.lpips_params)
+  after = jax.device_get(state)
+  assert float(metrics["nonfinite"]) == 1.0 and int(after.step) == 1
+  for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_guard_stops_after_consecutive_nonfinite_steps():
+  guard = NonFiniteGuard(limit=2)
+  guard.update(1, {"loss/total": 0.5, "nonfinite": 0.0})
+  guard.update(2, {"loss/total": np.nan, "nonfinite": 1.0})
+  guard.update(3, {"loss/total": 0.4, "nonfinite": 0.0})  # a finite step resets the count
+  guard.update(4, {"loss/total": np.nan, "nonfinite": 1.0})
+  with pytest.raises(NonFiniteLossError, match=r"ending at step 5.*step 3.*'loss/total': 0.4"):
+    guard.update(5, {"loss/total": np.inf, "nonfinite": 1.0})
+
+
+def test_diverging_run_stops_and_never_saves_nan(tmp_path, smoke_config):
+  c = smoke_config
+  with c.unlocked():
+    c.optim.lr = 1e30
+    c.train.steps = 20
+    c.train.max_consecutive_nonfinite = 3
+    c.train.checkpoint_every = 1
+    c.eval.every_steps = 100
+  with pytest.raises(NonFiniteLossError):
+    train_and_evaluate(c, str(tmp_path))
+  manager = checkpoint.make_manager(str(tmp_path), 3, async_save=False)
+  state, _ = checkpoint.restore(manager, manager.latest_step(), setup(c).state)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state)))
