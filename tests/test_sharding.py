@@ -38,15 +38,28 @@ for name, devices, data, model, mode in [("1", jax.devices()[:1], 1, 1, "replica
     specs = [x.sharding.spec for x in jax.tree.leaves(state.params)]
     assert any("model" in tuple(sp) for sp in specs), "no parameter was sharded over model"
   for leaf in jax.tree.leaves(state.vq_stats):
-    shards = [np.asarray(sh.data) for sh in leaf.addressable_shards]
-    assert all(np.array_equal(shards[0], x) for x in shards), "vq_stats differ across devices"
-  runs[name] = (losses, jax.device_get(state))
-ref_losses, ref = runs["1"]
+    by_slice = {}
+    for sh in leaf.addressable_shards:  # replicas of the same slice must agree exactly
+      by_slice.setdefault(str(sh.index), []).append(np.asarray(sh.data))
+    for copies in by_slice.values():
+      assert all(np.array_equal(copies[0], x) for x in copies), "vq_stats differ across devices"
+  variables = {"params": state.params, "vq_stats": state.vq_stats}
+  x_hat = s.models.vqgan.apply(variables, partitioning.shard_batch(batch, s.mesh)["image"])[0]
+  runs[name] = (losses, jax.device_get(state), np.asarray(x_hat))
+ref_losses, ref, ref_out = runs["1"]
 for name in ("4x2", "8x1"):
-  losses, st = runs[name]
+  losses, st, out = runs[name]
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-4)
-  for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+  # The trained model computes the same function...
+  np.testing.assert_allclose(out, ref_out, atol=2e-4)
+  np.testing.assert_allclose(st.vq_stats["quantizer"]["codebook"],
+                             ref.vq_stats["quantizer"]["codebook"], rtol=1e-4,
+                             atol=1e-6)
+  # ...and every parameter agrees to within the Adam step size per step: conv
+  # biases feeding a GroupNorm have a true gradient of exactly 0, so what they
+  # get is summation-order noise, which Adam scales up to +-lr a step.
+  for a, b in zip(jax.tree.leaves(st.params), jax.tree.leaves(ref.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=5 * config.optim.lr)
 print("SHARDED-OK", ref_losses)
 """
 

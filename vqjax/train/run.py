@@ -96,7 +96,7 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
 
   total = config.train.steps
   step = int(state.step)
-  stop = (stop or StopRequest()).install()
+  stop = (stop if stop is not None else StopRequest()).install()
   guard = NonFiniteGuard(config.train.max_consecutive_nonfinite)
   progress = ProgressLine(total, step)
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
