@@ -42,13 +42,14 @@ def test_valid_smoke_config_passes(smoke_config):
 
 
 def test_codebook_dim_mismatch_is_named():
+  import jax
   import jax.numpy as jnp
 
   from vqjax.nn.quantizers import VectorQuantizer
 
   with pytest.raises(ValueError, match="codebook dim is 4"):
-    VectorQuantizer(codebook_size=8, embed_dim=4).init({"params": __import__("jax").random.PRNGKey(0)},
-                                                       jnp.zeros((1, 2, 2, 3)))
+    VectorQuantizer(codebook_size=8, embed_dim=4).init(
+        {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 2, 2, 3)))
 
 
 def test_cli_rejects_a_misspelt_key_before_running(tmp_path):

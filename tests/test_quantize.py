@@ -86,7 +86,7 @@ def test_ema_update_matches_numpy_formula():
   expected = _ema_numpy(cluster, embed_sum, z, idx, 0.9, 1e-5)
   got = vq.ema_update(jnp.asarray(cluster), jnp.asarray(embed_sum), jnp.asarray(z),
                       jax.nn.one_hot(idx, k), 0.9, 1e-5)
-  for g, e in zip(got, expected):
+  for g, e in zip(got, expected, strict=True):
     np.testing.assert_allclose(np.asarray(g), e, rtol=1e-5, atol=1e-6)
 
 

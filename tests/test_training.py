@@ -46,7 +46,8 @@ def test_killed_run_resumes_exactly(tmp_path, smoke_config):
   assert int(partial.step) == 3
   resumed = train_and_evaluate(c, str(tmp_path / "resumed"))
   assert int(resumed.step) == 6
-  for a, b in zip(jax.tree.leaves(jax.device_get(straight)), jax.tree.leaves(jax.device_get(resumed))):
+  leaves = [jax.tree.leaves(jax.device_get(s)) for s in (straight, resumed)]
+  for a, b in zip(*leaves, strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -59,7 +60,7 @@ def test_nonfinite_batch_skips_the_update(smoke_config):
   state, metrics = s.train_step(s.state, batch, s.lpips_params)
   after = jax.device_get(state)
   assert float(metrics["nonfinite"]) == 1.0 and int(after.step) == 1
-  for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params)):
+  for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params), strict=True):
     np.testing.assert_array_equal(a, b)
 
 

@@ -18,6 +18,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host GPU or TPU pod).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,6 +27,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  if _DISTRIBUTED.value:
+    import jax
+
+    jax.distributed.initialize()
   config = _CONFIG.value
   if config.trainer != "tokenizer":
     raise app.UsageError(f"config.trainer={config.trainer!r} is not one this version runs "

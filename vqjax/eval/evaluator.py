@@ -18,7 +18,8 @@ from vqjax.train.loop import image_grid, write_images, write_json
 from vqjax.train.tokenizer import summarize_eval
 
 
-def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config, mesh) -> tuple[dict, np.ndarray | None]:
+def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config,
+                       mesh) -> tuple[dict, np.ndarray | None]:
   """One pass over the val split; returns (metrics, grid of the first batch)."""
   totals = None
   grid = None

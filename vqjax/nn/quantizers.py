@@ -80,9 +80,10 @@ class VectorQuantizer(nn.Module):
     if (self.learning == "ema" and train and self.is_mutable_collection("vq_stats")
         and not self.is_initializing()):
       onehot = jax.nn.one_hot(indices.reshape(-1), self.codebook_size, dtype=jnp.float32)
+      z_flat = jax.lax.stop_gradient(z.reshape(-1, z.shape[-1]))
       self.cluster_size.value, self.embed_sum.value, self.codebook_var.value = vq.ema_update(
-          self.cluster_size.value, self.embed_sum.value, jax.lax.stop_gradient(z.reshape(-1, z.shape[-1])),
-          onehot, self.ema_decay, self.ema_epsilon)
+          self.cluster_size.value, self.embed_sum.value, z_flat, onehot, self.ema_decay,
+          self.ema_epsilon)
 
     metrics = {
         "usage_in_batch": vq.usage_fraction(counts),

@@ -9,15 +9,21 @@ from typing import Callable
 
 import jax
 import numpy as np
-from absl import logging
 from clu import parameter_overview, periodic_actions
 
 from vqjax.config_lib import validate_tokenizer_config
 from vqjax.data.pipeline import train_dataset
 from vqjax.eval.evaluator import evaluate_tokenizer, write_eval
 from vqjax.train import checkpoint, partitioning
-from vqjax.train.loop import (NonFiniteGuard, ProgressLine, StopRequest, image_grid, make_writer,
-                              write_images, write_json)
+from vqjax.train.loop import (
+  NonFiniteGuard,
+  ProgressLine,
+  StopRequest,
+  image_grid,
+  make_writer,
+  write_images,
+  write_json,
+)
 from vqjax.train.tokenizer import build_models, init_state, make_eval_step, make_train_step
 from vqjax.weights.lpips_vgg16 import load_lpips_params
 

@@ -1,0 +1,22 @@
+"""`make demo` end to end (slow: a few minutes on 2 cores; run with `make test-slow`)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_make_demo_improves_reconstructions(tmp_path):
+  workdir = tmp_path / "demo"
+  proc = subprocess.run(["make", "demo", f"WORKDIR={workdir}"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  start = json.load(open(workdir / "eval_0.json"))
+  end = json.load(open(workdir / "eval_300.json"))
+  assert end["psnr"] > start["psnr"] + 4.0
+  assert end["lpips"] < start["lpips"] - 0.1
+  assert os.path.exists(workdir / "images" / "reconstructions_0000300.png")
