@@ -25,6 +25,7 @@ def test_smoke_variant_trains_and_evaluates(path, tmp_path):
   assert 0.0 < report["codebook_usage"] <= 1.0 and np.isfinite(report["psnr"])
   assert glob.glob(str(tmp_path / "images" / "reconstructions_*.png"))
   assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  assert "decoder/conv_out/kernel" in (tmp_path / "parameters.txt").read_text()
   again = evaluate(config, str(tmp_path))  # --mode=eval on the saved checkpoint
   np.testing.assert_allclose(again["psnr"], report["psnr"], rtol=1e-5)
 

@@ -93,11 +93,14 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
     if is_main:
       write_json(os.path.join(workdir, "config.json"), config.to_dict())
     writer.write_hparams({k: str(v) for k, v in _flat(config.to_dict()).items()})
-  parameter_overview.log_parameter_overview(state.params, msg="VQGAN parameters")
+  if is_main:
+    with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+      f.write(parameter_overview.get_parameter_overview(state.params) + "\n")
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   n_disc = sum(x.size for x in jax.tree.leaves(state.disc_params))
   print(f"VQGAN {n_params:,} parameters, discriminator {n_disc:,}; mesh "
-        f"{dict(s.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)",
+        f"{dict(s.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
+        f"per-parameter table in {workdir}/parameters.txt",
         flush=True)
 
   total = config.train.steps
