@@ -13,6 +13,7 @@ def get_config(arg=None):
   c.data.resize_shorter = 160
   c.data.crops_per_image = 256
   c.data.eval_crops_per_image = 16
+  c.data.eval_random_crop = True  # fixed-seed crops: 16 distinct views of each val image
   c.model.ch = 32
   c.model.ch_mult = (1, 2, 2)
   c.model.num_res_blocks = 1

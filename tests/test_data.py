@@ -100,3 +100,10 @@ def test_folder_without_val_folder_holds_out_every_nth(tmp_path):
   assert len(train) == 5 and len(val) == 1  # 6 files (2 corrupt), every 4th held out
   assert not set(train.paths) & set(val.paths)
   assert all(os.path.exists(p) for p in train.paths + val.paths)
+
+
+def test_embedded_eval_crops_are_distinct_and_repeatable(smoke_config):
+  first = np.concatenate([b["image"] for b in eval_batches(smoke_config)])
+  again = np.concatenate([b["image"] for b in eval_batches(smoke_config)])
+  np.testing.assert_array_equal(first, again)
+  assert not np.array_equal(first[0], first[1])  # two crops of the same val image differ

@@ -35,7 +35,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.data.image_size = 256
   c.data.resize_shorter = 256
   c.data.random_flip = True
-  c.data.eval_random_crop = False
+  c.data.eval_random_crop = False  # True: crops drawn with a fixed seed (same every pass)
   c.data.crops_per_image = 256  # embedded set only
   c.data.eval_crops_per_image = 16  # embedded set only
 
@@ -98,6 +98,7 @@ def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.resize_shorter = 64
   c.data.crops_per_image = 8
   c.data.eval_crops_per_image = 2
+  c.data.eval_random_crop = True
   c.model.ch = 16
   c.model.ch_mult = (1, 2)
   c.model.num_res_blocks = 1
