@@ -47,7 +47,7 @@ def test_codebook_dim_mismatch_is_named():
 
   from vqjax.nn.quantizers import VectorQuantizer
 
-  with pytest.raises(ValueError, match="codebook dim is 4"):
+  with pytest.raises(ValueError, match="embed_dim is 4"):
     VectorQuantizer(codebook_size=8, embed_dim=4).init(
         {"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 2, 2, 3)))
 

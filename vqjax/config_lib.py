@@ -46,14 +46,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.model.attn_resolutions = (16,)
   c.model.z_channels = 256
   c.model.norm_groups = 32
-  c.model.quantizer = ml_collections.ConfigDict()
-  c.model.quantizer.name = "vq"
-  c.model.quantizer.codebook_size = 1024
-  c.model.quantizer.embed_dim = 256
-  c.model.quantizer.beta = 0.25
-  c.model.quantizer.learning = "loss"  # 'loss' | 'ema'
-  c.model.quantizer.ema_decay = 0.99
-  c.model.quantizer.ema_epsilon = 1e-5
+  c.model.quantizer = quantizer_config("vq", codebook_size=1024, embed_dim=256)
 
   c.disc = ml_collections.ConfigDict()
   c.disc.ndf = 64
@@ -88,6 +81,55 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.eval.max_examples = 10_000  # 0 = the whole split
   c.eval.at_start = False  # also evaluate the untrained model at step 0
   c.eval.checkpoint_step = -1  # --mode=eval: -1 = latest
+  return c
+
+
+def quantizer_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """`config.model.quantizer` for quantiser `name`: its fields, module defaults, overrides.
+
+  The fields are exactly the module's (see `vqjax.nn.quantizers.QUANTIZERS`),
+  so a recipe cannot set one that the chosen quantiser ignores.
+  """
+  from vqjax.nn.quantizers import quantizer_fields
+
+  fields = quantizer_fields(name)
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ConfigError(f"quantizer {name!r} has no field(s) {unknown}; it has {sorted(fields)}")
+  c = ml_collections.ConfigDict({"name": name, **fields, **overrides})
+  return c
+
+
+def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The demo's sizes: a 64px tokenizer on the embedded set, minutes on 2 CPU cores."""
+  c.data.source = "embedded"
+  c.data.image_size = 64
+  c.data.resize_shorter = 160
+  c.data.crops_per_image = 256
+  c.data.eval_crops_per_image = 16
+  c.data.eval_random_crop = True  # fixed-seed crops: 16 distinct views of each val image
+  c.model.ch = 32
+  c.model.ch_mult = (1, 2, 2)
+  c.model.num_res_blocks = 1
+  c.model.attn_resolutions = ()
+  c.model.z_channels = 64
+  c.model.norm_groups = 16
+  c.model.quantizer.codebook_size = 256
+  c.model.quantizer.embed_dim = 32
+  c.disc.ndf = 32
+  c.disc.num_layers = 2
+  c.loss.disc_start = 200
+  c.optim.lr = 4e-4
+  c.optim.disc_lr = 4e-4
+  c.train.steps = 300
+  c.train.batch_size = 4
+  c.train.log_every = 25
+  c.train.image_every = 100
+  c.train.checkpoint_every = 100
+  c.eval.every_steps = 150
+  c.eval.at_start = True
+  c.eval.batch_size = 16
+  c.eval.max_examples = 32
   return c
 
 
@@ -140,11 +182,7 @@ def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
   if bad:
     raise ConfigError(f"model.norm_groups={m.norm_groups} does not divide channel width {bad[0]}"
                       f" (model.ch={m.ch}, ch_mult={tuple(m.ch_mult)}).")
-  if m.quantizer.embed_dim <= 0 or m.quantizer.codebook_size <= 1:
-    raise ConfigError("model.quantizer.embed_dim must be > 0 and codebook_size > 1.")
-  if m.quantizer.learning not in ("loss", "ema"):
-    raise ConfigError(f"model.quantizer.learning must be 'loss' or 'ema', "
-                      f"not {m.quantizer.learning!r}.")
+  validate_quantizer_config(m.quantizer)
   data_size = mesh_data_size(c, num_devices)
   for name, batch in (("train.batch_size", c.train.batch_size),
                       ("eval.batch_size", c.eval.batch_size)):
@@ -155,6 +193,36 @@ def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
   if c.mesh.param_sharding not in ("replicate", "channels"):
     raise ConfigError(f"mesh.param_sharding must be 'replicate' or 'channels', "
                       f"not {c.mesh.param_sharding!r}.")
+
+
+def validate_quantizer_config(q: ml_collections.ConfigDict) -> None:
+  """`config.model.quantizer`: a known name, only its fields, values in range."""
+  from vqjax.nn.quantizers import QUANTIZERS, check_quantizer_fields
+
+  if q.name not in QUANTIZERS:
+    raise ConfigError(f"model.quantizer.name={q.name!r} is not a quantiser; choose one of "
+                      f"{sorted(QUANTIZERS)}.")
+  try:
+    check_quantizer_fields(q)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if q.embed_dim <= 0 or q.codebook_size <= 1:
+    raise ConfigError("model.quantizer.embed_dim must be > 0 and codebook_size > 1.")
+  checks = [
+      ("learning", lambda v: v in ("loss", "ema"), "'loss' or 'ema'"),
+      ("channels", lambda v: v >= 1 and q.embed_dim % v == 0,
+       f"a divisor of embed_dim={q.embed_dim}"),
+      ("restart_after", lambda v: v >= 0, ">= 0 (0 turns restarts off)"),
+      ("kmeans_iters", lambda v: v >= 1, ">= 1"),
+      ("entropy_weight", lambda v: v >= 0, ">= 0"),
+      ("mask_ratio", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+      ("temperature", lambda v: v > 0, "> 0"),
+      ("decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+      ("ema_decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+  ]
+  for field, ok, wanted in checks:
+    if field in q and not ok(q[field]):
+      raise ConfigError(f"model.quantizer.{field}={q[field]!r} must be {wanted}.")
 
 
 def mesh_data_size(c: ml_collections.ConfigDict, num_devices: int) -> int:

@@ -1,11 +1,31 @@
-"""Quantiser modules, chosen by `config.model.quantizer.name` (SPEC section 1).
+"""Quantiser modules, chosen by `config.model.quantizer.name` (SPEC sections 1-5).
+
+| name           | method                                                     |
+|----------------|------------------------------------------------------------|
+| `vq`           | nearest code, straight-through; `loss` or `ema` codebook;  |
+|                | options: SeQ-GAN entropy regulariser, l2 codes, k-means    |
+|                | init, dead-code restart                                    |
+| `multichannel` | MoVQ 3.1: c channel chunks, one shared codebook            |
+| `regvq`        | Reg-VQ 3.1-3.2: logits head, stochastic-mask Gumbel tokens, |
+|                | prior KL to uniform                                        |
+| `fq`           | FQ-GAN 3.1-3.2: EMA dictionary (Eq. 8), `propagate` flag    |
 
 Every quantiser returns a `QuantizerOutput`, so trainers never branch on the
-quantiser's name.
+quantiser's name. The maths lives in `vqjax.ops.quantize` and
+`vqjax.ops.regularizers`; these modules hold state and draw randomness.
+
+Mutable state (EMA sums, usage counters, k-means flag, codebook shifts) lives
+in the collection `vq_stats` and changes only when the caller makes it
+mutable and passes `train=True`. Inside a jitted, sharded step the updates
+are computed from the global batch, so every device holds the same state.
+Random draws (Gumbel noise, masks, k-means seeds, restart picks) come from
+the rng stream `quantizer`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -13,13 +33,17 @@ import jax
 import jax.numpy as jnp
 
 from vqjax.ops import quantize as vq
+from vqjax.ops import regularizers
+
+sg = jax.lax.stop_gradient
 
 
 class QuantizerOutput(NamedTuple):
   quantized: jax.Array  # [B, h, w, d], straight-through
-  indices: jax.Array  # [B, h, w] int32
+  indices: jax.Array  # [B, h, w] int32, or [B, h, w, c] for multichannel
   losses: dict  # name -> scalar, already weighted; summed by the trainer
   metrics: dict  # name -> scalar
+  aux: dict  # name -> per-position array [B, h, w] (e.g. Reg-VQ's sample distance)
 
 
 def uniform_codebook_init(key, shape, dtype=jnp.float32):
@@ -28,14 +52,32 @@ def uniform_codebook_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -1.0 / k, 1.0 / k)
 
 
-class VectorQuantizer(nn.Module):
-  """Nearest-code quantiser with a `loss`- or `ema`-learned codebook.
+def _usage_metrics(indices: jax.Array, num_codes: int, error: jax.Array) -> dict:
+  counts = vq.code_histogram(indices, num_codes)
+  return {"usage_in_batch": vq.usage_fraction(counts), "perplexity": vq.perplexity(counts),
+          "quant_error": error}
 
-  `learning='loss'`: the codebook is a parameter trained by
-  ||sg(z) - z_q||^2. `learning='ema'`: the codebook lives in the mutable
-  collection `vq_stats` (cluster sizes, embedding sums, codebook) and is
-  updated by `vqjax.ops.quantize.ema_update` only when that collection is
-  mutable and `train=True`.
+
+class VectorQuantizer(nn.Module):
+  """Nearest-code quantiser (VQ-VAE / VQGAN) and its usage-improving options.
+
+  learning='loss': the codebook is a parameter trained by ||sg(z) - z_q||^2.
+  learning='ema': the codebook lives in `vq_stats` (cluster sizes, sums) and
+  follows `vqjax.ops.quantize.ema_update`.
+  entropy_weight > 0: adds gamma (log K - H(mean_i softmax_k(-d_ik))),
+  SeQ-GAN 3.4.
+  l2_normalize: inputs and codes are l2-normalised before the look-up
+  (ViT-VQGAN "F&N"; the factorisation is the low `embed_dim` that the
+  tokenizer's 1x1 convs project to and from).
+  kmeans_init: the first training batch's vectors seed the codebook with
+  `kmeans_iters` Lloyd rounds.
+  restart_after > 0: codes unused for that many consecutive steps are
+  re-seeded from the current batch's encoder outputs.
+
+  With learning='loss', k-means and restarts cannot rewrite the parameter
+  inside `apply`; they write `vq_stats/codebook_shift` instead, and the
+  codebook used is `param + shift` (the gradient reaches the parameter
+  unchanged).
   """
 
   codebook_size: int = 1024
@@ -44,11 +86,28 @@ class VectorQuantizer(nn.Module):
   learning: str = "loss"
   ema_decay: float = 0.99
   ema_epsilon: float = 1e-5
+  entropy_weight: float = 0.0
+  l2_normalize: bool = False
+  kmeans_init: bool = False
+  kmeans_iters: int = 10
+  restart_after: int = 0
+
+  # Hooks that MultichannelQuantizer overrides: the vectors that get quantised.
+  def code_dim(self) -> int:
+    return self.embed_dim
+
+  def to_vectors(self, z: jax.Array) -> jax.Array:
+    return z
+
+  def from_vectors(self, v: jax.Array) -> jax.Array:
+    return v
 
   def setup(self):
-    shape = (self.codebook_size, self.embed_dim)
+    shape = (self.codebook_size, self.code_dim())
     if self.learning == "loss":
       self.codebook_param = self.param("codebook", uniform_codebook_init, shape)
+      if self.kmeans_init or self.restart_after > 0:
+        self.codebook_shift = self.variable("vq_stats", "codebook_shift", jnp.zeros, shape)
     elif self.learning == "ema":
       self.codebook_var = self.variable(
           "vq_stats", "codebook", lambda: uniform_codebook_init(self.make_rng("params"), shape))
@@ -57,55 +116,252 @@ class VectorQuantizer(nn.Module):
           "vq_stats", "cluster_size", lambda: jnp.ones((self.codebook_size,), jnp.float32))
     else:
       raise ValueError(f"quantizer.learning must be 'loss' or 'ema', got {self.learning!r}")
+    if self.kmeans_init:
+      self.initialized = self.variable("vq_stats", "initialized", jnp.zeros, (), jnp.int32)
+    if self.restart_after > 0:
+      self.unused_steps = self.variable(
+          "vq_stats", "unused_steps", jnp.zeros, (self.codebook_size,), jnp.int32)
+
+  def raw_codebook(self) -> jax.Array:
+    """The stored codebook [K, d'] (before l2 normalisation)."""
+    if self.learning == "ema":
+      return self.codebook_var.value
+    if self.kmeans_init or self.restart_after > 0:
+      return self.codebook_param + self.codebook_shift.value
+    return self.codebook_param
 
   def codebook(self) -> jax.Array:
-    """The current codebook [K, d]."""
-    return self.codebook_param if self.learning == "loss" else self.codebook_var.value
+    """The codebook the look-up uses [K, d']."""
+    raw = self.raw_codebook()
+    return vq.l2_normalize(raw) if self.l2_normalize else raw
+
+  def _replace_codes(self, new: jax.Array, which: jax.Array) -> None:
+    """Set the stored codes where which [K] is True to new [K, d']."""
+    if self.learning == "loss":
+      self.codebook_shift.value = jnp.where(
+          which[:, None], sg(new - self.codebook_param), self.codebook_shift.value)
+    else:
+      self.codebook_var.value = jnp.where(which[:, None], new, self.codebook_var.value)
+      self.embed_sum.value = jnp.where(
+          which[:, None], new * self.cluster_size.value[:, None], self.embed_sum.value)
+
+  def _kmeans_once(self, flat: jax.Array) -> None:
+    key = self.make_rng("quantizer")
+    done = self.initialized.value > 0
+    current = self.raw_codebook()
+    centroids = jax.lax.cond(
+        done, lambda: current,
+        lambda: vq.kmeans(flat, vq.kmeans_init_centroids(key, flat, self.codebook_size),
+                          self.kmeans_iters))
+    self._replace_codes(centroids, jnp.broadcast_to(~done, (self.codebook_size,)))
+    self.initialized.value = jnp.ones((), jnp.int32)
+
+  def _update_state(self, flat: jax.Array, indices: jax.Array, counts: jax.Array) -> dict:
+    metrics = {}
+    if self.learning == "ema":
+      onehot = jax.nn.one_hot(indices.reshape(-1), self.codebook_size, dtype=jnp.float32)
+      self.cluster_size.value, self.embed_sum.value, self.codebook_var.value = vq.ema_update(
+          self.cluster_size.value, self.embed_sum.value, flat, onehot, self.ema_decay,
+          self.ema_epsilon)
+    if self.restart_after > 0:
+      unused = vq.update_unused_steps(self.unused_steps.value, counts)
+      new, dead = vq.restart_dead_codes(self.make_rng("quantizer"), self.raw_codebook(), unused,
+                                        flat, self.restart_after)
+      if self.learning == "ema":  # a restarted code starts with a count of 1
+        self.cluster_size.value = jnp.where(dead, 1.0, self.cluster_size.value)
+      self._replace_codes(new, dead)
+      self.unused_steps.value = jnp.where(dead, 0, unused)
+      metrics["restarted_codes"] = jnp.sum(dead.astype(jnp.float32))
+    return metrics
 
   def __call__(self, z: jax.Array, train: bool = False) -> QuantizerOutput:
     if z.shape[-1] != self.embed_dim:
       raise ValueError(
-          f"quantizer input has {z.shape[-1]} channels but the codebook dim is "
-          f"{self.embed_dim}: set model.quantizer.embed_dim to match.")
+          f"quantizer input has {z.shape[-1]} channels but model.quantizer.embed_dim is "
+          f"{self.embed_dim}: set them to match.")
+    v = self.to_vectors(z.astype(jnp.float32))  # [..., d']
+    if self.l2_normalize:
+      v = vq.l2_normalize(v)
+    flat = v.reshape(-1, v.shape[-1])
+    updating = (train and self.is_mutable_collection("vq_stats")
+                and not self.is_initializing())
+    if self.kmeans_init and updating:
+      self._kmeans_once(sg(flat))
     codebook = self.codebook()
-    z = z.astype(jnp.float32)
-    indices = vq.nearest_code(z, codebook)
-    z_q = vq.lookup(indices, codebook)
-    terms = vq.vq_loss_terms(z, z_q, self.beta)
+    indices = vq.nearest_code(v, codebook)
+    v_q = vq.lookup(indices, codebook)
+    terms = vq.vq_loss_terms(v, v_q, self.beta)
     losses = {"commitment": terms["commitment"]}
     if self.learning == "loss":
       losses["codebook"] = terms["codebook"]
-
-    counts = vq.code_histogram(indices, self.codebook_size)
-    if (self.learning == "ema" and train and self.is_mutable_collection("vq_stats")
-        and not self.is_initializing()):
-      onehot = jax.nn.one_hot(indices.reshape(-1), self.codebook_size, dtype=jnp.float32)
-      z_flat = jax.lax.stop_gradient(z.reshape(-1, z.shape[-1]))
-      self.cluster_size.value, self.embed_sum.value, self.codebook_var.value = vq.ema_update(
-          self.cluster_size.value, self.embed_sum.value, z_flat, onehot, self.ema_decay,
-          self.ema_epsilon)
-
-    metrics = {
-        "usage_in_batch": vq.usage_fraction(counts),
-        "perplexity": vq.perplexity(counts),
-        "quant_error": jnp.mean(jnp.sum(jnp.square(z - z_q), axis=-1)),
-    }
-    return QuantizerOutput(vq.straight_through(z, z_q), indices, losses, metrics)
+    if self.entropy_weight > 0:
+      probs = regularizers.soft_code_assignment(flat, codebook)
+      losses["entropy"] = self.entropy_weight * regularizers.codebook_entropy_penalty(probs)
+    error = jnp.mean(jnp.sum(jnp.square(v - v_q), axis=-1))
+    metrics = _usage_metrics(indices, self.codebook_size, error)
+    if updating:
+      counts = vq.code_histogram(indices, self.codebook_size)
+      metrics.update(self._update_state(sg(flat), indices, counts))
+    quantized = self.from_vectors(vq.straight_through(v, v_q))
+    return QuantizerOutput(quantized, indices, losses, metrics, {})
 
   def decode_indices(self, indices: jax.Array) -> jax.Array:
-    """indices [...] -> code vectors [..., d]."""
-    return vq.lookup(indices, self.codebook())
+    """Token indices -> the quantised tensor the decoder takes [..., embed_dim]."""
+    return self.from_vectors(vq.lookup(indices, self.codebook()))
+
+
+class MultichannelQuantizer(VectorQuantizer):
+  """MoVQ 3.1: z [..., n_z] is cut into `channels` chunks of n_z / c along the
+  channel axis, each quantised with the same codebook [K, n_z / c]; tokens
+  are [B, h, w, c]. `embed_dim` is n_z; every `vq` option applies per chunk.
+  """
+
+  channels: int = 4
+
+  def code_dim(self) -> int:
+    if self.embed_dim % self.channels:
+      raise ValueError(f"embed_dim={self.embed_dim} is not divisible by channels="
+                       f"{self.channels}")
+    return self.embed_dim // self.channels
+
+  def to_vectors(self, z: jax.Array) -> jax.Array:
+    return vq.split_channels(z, self.channels)
+
+  def from_vectors(self, v: jax.Array) -> jax.Array:
+    return vq.merge_channels(v)
+
+
+class RegVQQuantizer(nn.Module):
+  """Reg-VQ (3.1-3.2): a 1x1 head gives token logits P [B, h, w, K]; a
+  Bernoulli(mask_ratio) mask picks the positions whose token is Gumbel-
+  sampled (`vqjax.ops.quantize.stochastic_mask_quantize`); the rest take
+  argmax P. Backward through softmax (Algorithm 1). Loss: prior_weight *
+  KL(mean softmax(P) || uniform) (Eq. 1). Deterministic at eval.
+
+  aux: `stochastic_mask` (1 where sampled) and `sample_distance`
+  ||z_s - z_q||^2, the weights of the probabilistic contrastive loss.
+  The paper gives no weight for the KL term; it is added with weight 1.
+  """
+
+  codebook_size: int = 1024
+  embed_dim: int = 256
+  mask_ratio: float = 0.4
+  temperature: float = 0.9
+  prior_weight: float = 1.0
+
+  def setup(self):
+    self.logits_head = nn.Dense(self.codebook_size)  # a 1x1 conv
+    self.codebook_param = self.param("codebook", uniform_codebook_init,
+                                     (self.codebook_size, self.embed_dim))
+
+  def codebook(self) -> jax.Array:
+    return self.codebook_param
+
+  def __call__(self, z: jax.Array, train: bool = False) -> QuantizerOutput:
+    z = z.astype(jnp.float32)
+    logits = self.logits_head(z)
+    if train:
+      k_mask, k_gumbel = jax.random.split(self.make_rng("quantizer"))
+      mask = jax.random.bernoulli(k_mask, self.mask_ratio, z.shape[:-1])
+      gumbel = jax.random.gumbel(k_gumbel, logits.shape)
+    else:
+      mask = jnp.zeros(z.shape[:-1], bool)
+      gumbel = jnp.zeros_like(logits)
+    out = vq.stochastic_mask_quantize(logits, self.codebook_param, mask, gumbel,
+                                      self.temperature)
+    probs = jax.nn.softmax(logits, axis=-1).reshape(-1, self.codebook_size)
+    losses = {"prior_kl": self.prior_weight * regularizers.kl_to_uniform(probs)}
+    error = jnp.mean(jnp.sum(jnp.square(z - out["quantized"]), axis=-1))
+    metrics = _usage_metrics(out["indices"], self.codebook_size, error)
+    metrics["stochastic_fraction"] = jnp.mean(mask.astype(jnp.float32))
+    aux = {"stochastic_mask": mask.astype(jnp.float32),
+           "sample_distance": out["sample_distance"]}
+    return QuantizerOutput(out["quantized"], out["indices"], losses, metrics, aux)
+
+  def decode_indices(self, indices: jax.Array) -> jax.Array:
+    return vq.lookup(indices, self.codebook_param)
+
+
+class FeatureQuantizer(nn.Module):
+  """FQ-GAN (3.1-3.2): nearest-neighbour look-up of features h [..., C] in a
+  dictionary E [K, C] that follows the momentum update of Eq. 8 (decay
+  lambda = 0.9), plus the commitment loss beta ||h - sg(e_k)||^2.
+
+  propagate=True passes the quantised features on (Eq. 6, the paper);
+  False returns h unchanged and only adds the loss (the released code).
+  The dictionary starts N(0, 1) and its counts at 0.
+  """
+
+  codebook_size: int = 1024
+  embed_dim: int = 256
+  beta: float = 0.25
+  decay: float = 0.9
+  propagate: bool = True
+
+  def setup(self):
+    shape = (self.codebook_size, self.embed_dim)
+    self.dictionary = self.variable(
+        "vq_stats", "dictionary", lambda: jax.random.normal(self.make_rng("params"), shape))
+    self.embed_sum = self.variable("vq_stats", "embed_sum", jnp.zeros, shape)
+    self.cluster_size = self.variable("vq_stats", "cluster_size", jnp.zeros,
+                                      (self.codebook_size,))
+
+  def codebook(self) -> jax.Array:
+    return self.dictionary.value
+
+  def __call__(self, h: jax.Array, train: bool = False) -> QuantizerOutput:
+    if h.shape[-1] != self.embed_dim:
+      raise ValueError(f"FQ layer got {h.shape[-1]} channels, dictionary has {self.embed_dim}")
+    h = h.astype(jnp.float32)
+    indices = vq.nearest_code(h, self.dictionary.value)
+    e = vq.lookup(indices, self.dictionary.value)
+    losses = {"commitment": self.beta * jnp.mean(jnp.square(h - sg(e)))}
+    error = jnp.mean(jnp.sum(jnp.square(h - e), axis=-1))
+    metrics = _usage_metrics(indices, self.codebook_size, error)
+    if train and self.is_mutable_collection("vq_stats") and not self.is_initializing():
+      onehot = jax.nn.one_hot(indices.reshape(-1), self.codebook_size, dtype=jnp.float32)
+      flat = sg(h.reshape(-1, h.shape[-1]))
+      self.cluster_size.value, self.embed_sum.value, self.dictionary.value = (
+          vq.dictionary_ema_update(self.cluster_size.value, self.embed_sum.value,
+                                   self.dictionary.value, flat, onehot, self.decay))
+    out = vq.straight_through(h, e) if self.propagate else h
+    return QuantizerOutput(out, indices, losses, metrics, {})
+
+  def decode_indices(self, indices: jax.Array) -> jax.Array:
+    return vq.lookup(indices, self.dictionary.value)
 
 
 QUANTIZERS: dict[str, Callable[..., nn.Module]] = {
     "vq": VectorQuantizer,
+    "multichannel": MultichannelQuantizer,
+    "regvq": RegVQQuantizer,
+    "fq": FeatureQuantizer,
 }
+
+
+def quantizer_fields(name: str) -> dict:
+  """The config fields of quantizer `name` with their defaults (its dataclass fields)."""
+  if name not in QUANTIZERS:
+    raise ValueError(f"unknown quantizer {name!r}; choose one of {sorted(QUANTIZERS)}")
+  return {f.name: f.default for f in dataclasses.fields(QUANTIZERS[name])
+          if f.name not in ("parent", "name")}
+
+
+def check_quantizer_fields(cfg) -> None:
+  """Raise ValueError naming the nearest field if cfg has one the quantizer lacks."""
+  kwargs = dict(cfg)
+  name = kwargs.pop("name")
+  known = quantizer_fields(name)
+  for key in kwargs:
+    if key not in known:
+      near = difflib.get_close_matches(key, list(known), n=1)
+      hint = f' Did you mean "{near[0]}"?' if near else ""
+      raise ValueError(f"model.quantizer.{key} is not a field of quantizer {name!r} "
+                       f"(fields: {', '.join(sorted(known))}).{hint}")
 
 
 def build_quantizer(cfg) -> nn.Module:
   """Quantiser from `config.model.quantizer` (a ConfigDict with a `name`)."""
+  check_quantizer_fields(cfg)
   kwargs = dict(cfg)
-  name = kwargs.pop("name")
-  if name not in QUANTIZERS:
-    raise ValueError(f"unknown quantizer {name!r}; choose one of {sorted(QUANTIZERS)}")
-  return QUANTIZERS[name](**kwargs)
+  return QUANTIZERS[kwargs.pop("name")](**kwargs)

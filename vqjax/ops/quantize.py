@@ -99,3 +99,147 @@ def perplexity(counts: jax.Array) -> jax.Array:
 def usage_fraction(counts: jax.Array) -> jax.Array:
   """Fraction of codes hit at least once."""
   return jnp.mean((counts > 0).astype(jnp.float32))
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
+  """x / max(||x||_2, eps) along `axis` (ViT-VQGAN's l2-normalised codes)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+def split_channels(z: jax.Array, channels: int) -> jax.Array:
+  """MoVQ 3.1: [..., n_z] -> [..., c, n_z / c], c chunks along the channel axis."""
+  if z.shape[-1] % channels:
+    raise ValueError(f"{z.shape[-1]} channels cannot be split into {channels} equal chunks")
+  return z.reshape(z.shape[:-1] + (channels, z.shape[-1] // channels))
+
+
+def merge_channels(z: jax.Array) -> jax.Array:
+  """Inverse of `split_channels`: [..., c, n_z / c] -> [..., n_z]."""
+  return z.reshape(z.shape[:-2] + (z.shape[-2] * z.shape[-1],))
+
+
+def kmeans_init_centroids(key: jax.Array, points: jax.Array, num_clusters: int) -> jax.Array:
+  """num_clusters distinct rows of points [N, d] (with replacement only if N < K)."""
+  n = points.shape[0]
+  idx = jax.random.choice(key, n, (num_clusters,), replace=n < num_clusters)
+  return points[idx]
+
+
+def kmeans(points: jax.Array, centroids: jax.Array, num_iters: int) -> jax.Array:
+  """Lloyd's k-means: `num_iters` rounds of assign-to-nearest and mean.
+
+  points [N, d], centroids [K, d] (the initial guess) -> centroids [K, d].
+  A cluster that receives no point keeps its previous centroid.
+  """
+  k = centroids.shape[0]
+
+  def one_round(_, c):
+    onehot = jax.nn.one_hot(jnp.argmin(squared_distances(points, c), axis=-1), k,
+                            dtype=points.dtype)
+    counts = jnp.sum(onehot, axis=0)
+    means = (onehot.T @ points) / jnp.maximum(counts, 1.0)[:, None]
+    return jnp.where(counts[:, None] > 0, means, c)
+
+  return jax.lax.fori_loop(0, num_iters, one_round, centroids)
+
+
+def update_unused_steps(unused_steps: jax.Array, counts: jax.Array) -> jax.Array:
+  """Steps since each code was last selected: 0 where counts [K] > 0, else +1."""
+  return jnp.where(counts > 0, 0, unused_steps + 1)
+
+
+def restart_dead_codes(
+    key: jax.Array,
+    codebook: jax.Array,
+    unused_steps: jax.Array,
+    recent: jax.Array,
+    restart_after: int,
+) -> tuple[jax.Array, jax.Array]:
+  """Dead-code restart: codes unused for >= restart_after steps become encoder outputs.
+
+  codebook [K, d], unused_steps [K], recent [N, d] (recent encoder outputs).
+  Each dead code is replaced by a uniformly drawn row of `recent`.
+  Returns (codebook, dead [K] bool).
+  """
+  dead = unused_steps >= restart_after
+  draws = recent[jax.random.randint(key, (codebook.shape[0],), 0, recent.shape[0])]
+  return jnp.where(dead[:, None], draws.astype(codebook.dtype), codebook), dead
+
+
+def dictionary_ema_update(
+    cluster_size: jax.Array,
+    embed_sum: jax.Array,
+    dictionary: jax.Array,
+    h_flat: jax.Array,
+    onehot: jax.Array,
+    decay: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """FQ-GAN Eq. 8, momentum update of the dictionary (no smoothing):
+
+    m_k <- lambda m_k + (1 - lambda) sum_{i: k(i) = k} h_i
+    N_k <- lambda N_k + (1 - lambda) n_k
+    e_k <- m_k / N_k
+
+  A code whose N_k is 0 (never selected yet, or decayed to underflow) keeps
+  its previous e_k instead of dividing by zero.
+  Args: cluster_size N [K]; embed_sum m [K, C]; dictionary e [K, C];
+    h_flat [N, C]; onehot [N, K].
+  """
+  cluster_size = decay * cluster_size + (1.0 - decay) * jnp.sum(onehot, axis=0)
+  embed_sum = decay * embed_sum + (1.0 - decay) * (onehot.T @ h_flat)
+  used = cluster_size > 0
+  safe = jnp.where(used, cluster_size, 1.0)
+  dictionary = jnp.where(used[:, None], embed_sum / safe[:, None], dictionary)
+  return cluster_size, embed_sum, dictionary
+
+
+def softmax_straight_through(hard_indices: jax.Array, soft_probs: jax.Array,
+                             codebook: jax.Array) -> jax.Array:
+  """Reg-VQ Algorithm 1: forward one_hot(index) @ Z, backward soft @ Z.
+
+  hard_indices [...], soft_probs [..., K], codebook [K, d] -> [..., d].
+  Value: Z[index]. Gradient with respect to soft_probs and codebook: that
+  of soft_probs @ Z.
+  """
+  soft = soft_probs @ codebook
+  return soft + sg(lookup(hard_indices, codebook) - soft)
+
+
+def stochastic_mask_quantize(
+    logits: jax.Array,
+    codebook: jax.Array,
+    mask: jax.Array,
+    gumbel: jax.Array,
+    temperature: float,
+) -> dict[str, jax.Array]:
+  """Reg-VQ 3.2: argmax tokens where mask == 0, Gumbel-sampled tokens where mask == 1.
+
+  logits P [..., K], codebook Z [K, d], mask M [...] (1 = stochastic region),
+  gumbel g [..., K] ~ Gumbel(0, 1).
+
+  Deterministic region: index = argmax P, backward through softmax(P).
+  Stochastic region: index = argmax(P / tau + g), backward through
+  softmax(P / tau + g), so the index is a sample of softmax(P / tau).
+  Algorithm 1 writes no temperature; the paper's supplement sets
+  tau = 0.9 "in Gumbel-Softmax". It is applied to the logits here, so it
+  sets the sampling distribution as well as the relaxation.
+
+  Returns dict(indices, best_indices, quantized (straight-through),
+  sample_distance = ||Z[indices] - Z[best_indices]||^2, 0 where M == 0).
+  """
+  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  perturbed = logits / temperature + gumbel
+  sampled = jnp.argmax(perturbed, axis=-1).astype(jnp.int32)
+  stochastic = mask.astype(bool)
+  indices = jnp.where(stochastic, sampled, best)
+  soft = jnp.where(stochastic[..., None], jax.nn.softmax(perturbed, axis=-1),
+                   jax.nn.softmax(logits, axis=-1))
+  quantized = softmax_straight_through(indices, soft, codebook)
+  z_s, z_q = lookup(indices, sg(codebook)), lookup(best, sg(codebook))
+  return {
+      "indices": indices,
+      "best_indices": best,
+      "quantized": quantized,
+      "sample_distance": jnp.sum(jnp.square(z_s - z_q), axis=-1),
+  }

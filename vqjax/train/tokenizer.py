@@ -100,11 +100,12 @@ def make_train_step(models: TokenizerModels, config):
   def train_step(state: TokenizerState, batch: dict, lpips_params) -> tuple[TokenizerState, dict]:
     x = batch["image"]
     use_gan = state.step >= lc.disc_start
+    step_key = jax.random.fold_in(state.rng, state.step)  # quantiser noise, masks, restarts
 
     def generator(params):
       (x_hat, q), mutated = models.vqgan.apply(
           _variables(params, state.vq_stats), x, train=True,
-          mutable=["vq_stats", "intermediates"])
+          mutable=["vq_stats", "intermediates"], rngs={"quantizer": step_key})
       features = mutated["intermediates"]["decoder"]["last_features"][0]
       quant = sum(q.losses.values())
       return (x_hat, quant), (q, features, mutated.get("vq_stats", {}))
