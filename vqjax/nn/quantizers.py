@@ -136,7 +136,11 @@ class VectorQuantizer(nn.Module):
     return vq.l2_normalize(raw) if self.l2_normalize else raw
 
   def _replace_codes(self, new: jax.Array, which: jax.Array) -> None:
-    """Set the stored codes where which [K] is True to new [K, d']."""
+    """Set the stored codes where which [K] is True to new [K, d'].
+
+    EMA sums are rewritten to match the current counts, so the next EMA
+    step starts from `new`.
+    """
     if self.learning == "loss":
       self.codebook_shift.value = jnp.where(
           which[:, None], sg(new - self.codebook_param), self.codebook_shift.value)
@@ -146,14 +150,23 @@ class VectorQuantizer(nn.Module):
           which[:, None], new * self.cluster_size.value[:, None], self.embed_sum.value)
 
   def _kmeans_once(self, flat: jax.Array) -> None:
+    """On the first training call: k-means of the batch's vectors becomes the codebook.
+
+    With EMA learning the counts become the batch's cluster sizes (at least
+    1), as if the EMA had seen that batch.
+    """
     key = self.make_rng("quantizer")
-    done = self.initialized.value > 0
+    first = self.initialized.value == 0
     current = self.raw_codebook()
     centroids = jax.lax.cond(
-        done, lambda: current,
-        lambda: vq.kmeans(flat, vq.kmeans_init_centroids(key, flat, self.codebook_size),
-                          self.kmeans_iters))
-    self._replace_codes(centroids, jnp.broadcast_to(~done, (self.codebook_size,)))
+        first, lambda: vq.kmeans(flat, vq.kmeans_init_centroids(key, flat, self.codebook_size),
+                                 self.kmeans_iters),
+        lambda: current)
+    if self.learning == "ema":
+      counts = vq.code_histogram(vq.nearest_code(flat, centroids), self.codebook_size)
+      self.cluster_size.value = jnp.where(first, jnp.maximum(counts, 1.0),
+                                          self.cluster_size.value)
+    self._replace_codes(centroids, jnp.broadcast_to(first, (self.codebook_size,)))
     self.initialized.value = jnp.ones((), jnp.int32)
 
   def _update_state(self, flat: jax.Array, indices: jax.Array, counts: jax.Array) -> dict:
