@@ -52,8 +52,8 @@ def uniform_codebook_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -1.0 / k, 1.0 / k)
 
 
-def _usage_metrics(indices: jax.Array, num_codes: int, error: jax.Array) -> dict:
-  counts = vq.code_histogram(indices, num_codes)
+def _usage_metrics(counts: jax.Array, error: jax.Array) -> dict:
+  """Per-step metrics every quantiser reports, from its code counts [K]."""
   return {"usage_in_batch": vq.usage_fraction(counts), "perplexity": vq.perplexity(counts),
           "quant_error": error}
 
@@ -211,9 +211,9 @@ class VectorQuantizer(nn.Module):
       probs = regularizers.soft_code_assignment(flat, codebook)
       losses["entropy"] = self.entropy_weight * regularizers.codebook_entropy_penalty(probs)
     error = jnp.mean(jnp.sum(jnp.square(v - v_q), axis=-1))
-    metrics = _usage_metrics(indices, self.codebook_size, error)
+    counts = vq.code_histogram(indices, self.codebook_size)
+    metrics = _usage_metrics(counts, error)
     if updating:
-      counts = vq.code_histogram(indices, self.codebook_size)
       metrics.update(self._update_state(sg(flat), indices, counts))
     quantized = self.from_vectors(vq.straight_through(v, v_q))
     return QuantizerOutput(quantized, indices, losses, metrics, {})
@@ -285,7 +285,7 @@ class RegVQQuantizer(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).reshape(-1, self.codebook_size)
     losses = {"prior_kl": self.prior_weight * regularizers.kl_to_uniform(probs)}
     error = jnp.mean(jnp.sum(jnp.square(z - out["quantized"]), axis=-1))
-    metrics = _usage_metrics(out["indices"], self.codebook_size, error)
+    metrics = _usage_metrics(vq.code_histogram(out["indices"], self.codebook_size), error)
     metrics["stochastic_fraction"] = jnp.mean(mask.astype(jnp.float32))
     aux = {"stochastic_mask": mask.astype(jnp.float32),
            "sample_distance": out["sample_distance"]}
@@ -330,7 +330,7 @@ class FeatureQuantizer(nn.Module):
     e = vq.lookup(indices, self.dictionary.value)
     losses = {"commitment": self.beta * jnp.mean(jnp.square(h - sg(e)))}
     error = jnp.mean(jnp.sum(jnp.square(h - e), axis=-1))
-    metrics = _usage_metrics(indices, self.codebook_size, error)
+    metrics = _usage_metrics(vq.code_histogram(indices, self.codebook_size), error)
     if train and self.is_mutable_collection("vq_stats") and not self.is_initializing():
       onehot = jax.nn.one_hot(indices.reshape(-1), self.codebook_size, dtype=jnp.float32)
       flat = sg(h.reshape(-1, h.shape[-1]))
