@@ -1,7 +1,17 @@
-"""Tokenizer evaluation over the validation split (SPEC section 7).
+"""Evaluation (SPEC section 7): tokenizer reconstructions and generated samples.
 
-PSNR, SSIM, LPIPS averaged over images; codebook usage (fraction of codes
-hit over the whole pass) and perplexity of the pass's code histogram.
+Tokenizer: PSNR, SSIM, LPIPS averaged over images; codebook usage (fraction
+of codes hit over the whole pass) and perplexity of the pass's code
+histogram; with `config.eval.fid`, rFID and KID of the reconstructions
+against the validation images' Inception statistics (cached per data set,
+split and resolution), and optionally precision/recall.
+
+Samples (generators): FID/KID (and precision/recall) of image batches
+against reference statistics (`sample_metrics`).
+
+Inception Score needs the 1008-way logits head of the TF Inception; the
+shipped FID weights (`default_1.pt`) stop at pool3, so IS is reported as
+unavailable rather than computed from a head that is not there.
 """
 
 from __future__ import annotations
@@ -13,37 +23,104 @@ import numpy as np
 from absl import logging
 
 from vqjax.data.pipeline import eval_batches
+from vqjax.eval import feature_stats as fs
+from vqjax.eval import inception_features as incf
 from vqjax.train import partitioning
 from vqjax.train.loop import image_grid, write_images, write_json
 from vqjax.train.tokenizer import summarize_eval
 
+IS_UNAVAILABLE = ("inception_score: not computed; the shipped FID Inception (default_1.pt) has "
+                  "no logits head, only pool3 features")
 
-def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config,
-                       mesh) -> tuple[dict, np.ndarray | None]:
+
+def distribution_metrics(fake: dict, ref: dict, config, prefix: str = "") -> dict[str, float]:
+  """FID (+ KID, precision/recall when raw features are at hand) of `fake` against `ref`.
+
+  Both are dicts from `inception_features.stats_dict` / `load_stats`.
+  """
+  e = config.eval
+  out = {f"{prefix}fid": fs.frechet_distance(fake["mu"], fake["sigma"], ref["mu"], ref["sigma"],
+                                             method=e.fid_method)}
+  fa, fb = fake["features"], ref["features"]
+  if len(fa) >= 2 and len(fb) >= 2:
+    kid, kid_std = fs.kernel_inception_distance(fa, fb, e.kid_subsets, e.kid_subset_size,
+                                                seed=config.seed)
+    out[f"{prefix}kid"], out[f"{prefix}kid_std"] = kid, kid_std
+  if e.precision_recall and min(len(fa), len(fb)) > 3:
+    out["precision"], out["recall"] = fs.precision_recall(fb, fa, k=3)
+  return out
+
+
+class ReferenceStats:
+  """The val split's Inception statistics: loaded from the cache, or built during a pass."""
+
+  def __init__(self, config, extractor: incf.InceptionExtractor, split: str):
+    self.description = incf.data_description(config, split)
+    self.path = incf.reference_path(config.eval.stats_cache_dir, self.description,
+                                    extractor.weights_path)
+    self.cached = incf.load_stats(self.path) if os.path.exists(self.path) else None
+    self.building = None if self.cached else fs.RunningStats(incf.FEATURE_DIM,
+                                                             config.eval.max_features)
+
+  def finish(self) -> dict:
+    if self.cached is not None:
+      return self.cached
+    if jax.process_index() == 0:
+      incf.save_stats(self.path, self.building, self.description)
+      logging.info("cached reference statistics in %s", self.path)
+    return incf.stats_dict(self.building)
+
+
+def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config, mesh,
+                       inception: incf.InceptionExtractor | None = None
+                       ) -> tuple[dict, np.ndarray | None]:
   """One pass over the val split; returns (metrics, grid of the first batch)."""
   totals = None
   grid = None
-  for i, batch in enumerate(eval_batches(config, jax.process_index(), jax.process_count())):
-    device_batch = partitioning.shard_batch(batch, mesh)
-    sums, x_hat = eval_step(params, vq_stats, device_batch, lpips_params)
-    sums = jax.device_get(sums)
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    if i == 0 and jax.process_count() == 1:
-      grid = image_grid([batch["image"], np.asarray(jax.device_get(x_hat))])
+  use_fid = bool(config.eval.fid) and inception is not None
+  if use_fid:
+    ref = ReferenceStats(config, inception, config.data.val_split)
+    fake = fs.RunningStats(incf.FEATURE_DIM, config.eval.max_features)
+  total = config.eval.max_examples or None
+  with incf.progress_bar(total, "eval") as bar:
+    for i, batch in enumerate(eval_batches(config, jax.process_index(), jax.process_count())):
+      device_batch = partitioning.shard_batch(batch, mesh)
+      sums, x_hat = eval_step(params, vq_stats, device_batch, lpips_params)
+      if use_fid:
+        inception.accumulate(fake, x_hat, batch["mask"])
+        if ref.building is not None:
+          inception.accumulate(ref.building, device_batch["image"], batch["mask"])
+      sums = jax.device_get(sums)
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+      bar.update(int(sums["count"]))
+      if i == 0 and jax.process_count() == 1:
+        grid = image_grid([batch["image"], np.asarray(jax.device_get(x_hat))])
   if totals is None:
     raise ValueError("the validation split yielded no images: check config.data and "
                      "config.eval.max_examples")
-  return summarize_eval(totals), grid
+  metrics = summarize_eval(totals)
+  if use_fid:
+    metrics.update(distribution_metrics(incf.stats_dict(fake), ref.finish(), config, prefix="r"))
+  return metrics, grid
 
 
-def write_eval(writer, workdir: str, step: int, metrics: dict, grid: np.ndarray | None) -> str:
+def sample_metrics(batches, reference: dict, config, inception: incf.InceptionExtractor,
+                   total: int | None = None) -> dict[str, float]:
+  """FID/KID of generated images ({'image', 'mask'} batches in [-1, 1]) against `reference`."""
+  stats = inception.stats_of_batches(batches, total, "sample features", config.eval.max_features)
+  return {**distribution_metrics(incf.stats_dict(stats), reference, config),
+          "num_samples": stats.n}
+
+
+def write_eval(writer, workdir: str, step: int, metrics: dict, grid: np.ndarray | None,
+               notes: list[str] | None = None) -> str:
   """Scalars to TensorBoard (prefix eval/), `workdir/eval_<step>.json`, and the grid."""
   writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
   if grid is not None:
     write_images(writer, workdir, step, "eval_reconstructions", grid)
   path = os.path.join(workdir, f"eval_{step}.json")
   if jax.process_index() == 0:
-    write_json(path, {"step": step, **metrics})
+    write_json(path, {"step": step, **metrics, **({"notes": notes} if notes else {})})
   logging.info("eval at step %d: %s", step, metrics)
   print(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in metrics.items()), flush=True)

@@ -13,7 +13,8 @@ from clu import parameter_overview, periodic_actions
 
 from vqjax.config_lib import validate_tokenizer_config
 from vqjax.data.pipeline import train_dataset
-from vqjax.eval.evaluator import evaluate_tokenizer, write_eval
+from vqjax.eval.evaluator import IS_UNAVAILABLE, evaluate_tokenizer, write_eval
+from vqjax.eval.inception_features import InceptionExtractor
 from vqjax.train import checkpoint, partitioning
 from vqjax.train.loop import (
   NonFiniteGuard,
@@ -31,6 +32,7 @@ from vqjax.weights.lpips_vgg16 import load_lpips_params
 @dataclass
 class Setup:
   """Everything a tokenizer run needs, built once from the config."""
+  config: object
   models: object
   mesh: object
   state: object
@@ -38,6 +40,15 @@ class Setup:
   lpips_params: object
   train_step: Callable
   eval_step: Callable
+  inception: InceptionExtractor | None
+
+  def evaluate(self, state) -> tuple[dict, object]:
+    return evaluate_tokenizer(self.eval_step, state.params, state.vq_stats, self.lpips_params,
+                              self.config, self.mesh, self.inception)
+
+  @property
+  def notes(self) -> list[str]:
+    return [IS_UNAVAILABLE] if self.inception is not None else []
 
 
 def setup(config, devices=None) -> Setup:
@@ -61,7 +72,9 @@ def setup(config, devices=None) -> Setup:
       make_eval_step(models, config),
       in_shardings=(shardings.params, shardings.vq_stats, batch_sh, rep),
       out_shardings=(rep, batch_sh))
-  return Setup(models, mesh, state, shardings, lpips_params, train_step, eval_step)
+  inception = InceptionExtractor(mesh) if config.eval.fid else None
+  return Setup(config, models, mesh, state, shardings, lpips_params, train_step, eval_step,
+               inception)
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
@@ -112,8 +125,12 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
                                            every_steps=config.train.log_every)
   history = []
   if step == 0 and config.eval.at_start:
-    write_eval(writer, workdir, 0, *evaluate_tokenizer(
-        s.eval_step, state.params, state.vq_stats, s.lpips_params, config, s.mesh))
+    write_eval(writer, workdir, 0, *s.evaluate(state), notes=s.notes)
+  current = {}
+  periodic_eval = periodic_actions.PeriodicCallback(
+      every_steps=config.eval.every_steps, on_steps=[total], pass_step_and_time=True,
+      callback_fn=lambda step, t: write_eval(writer, workdir, step, *s.evaluate(current["state"]),
+                                             notes=s.notes))
   try:
     while step < total and not stop:
       batch = next(data_iter)
@@ -139,10 +156,8 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
                      image_grid([batch["image"], np.asarray(jax.device_get(x_hat))]))
       if step % config.train.checkpoint_every == 0:
         checkpoint.save(manager, step, state, data_iter.get_state())
-      if step % config.eval.every_steps == 0 or step == total:
-        metrics_eval, grid = evaluate_tokenizer(s.eval_step, state.params, state.vq_stats,
-                                                s.lpips_params, config, s.mesh)
-        write_eval(writer, workdir, step, metrics_eval, grid)
+      current["state"] = state
+      periodic_eval(step)
       if after_step is not None:
         after_step(step)
   finally:
@@ -170,10 +185,9 @@ def evaluate(config, workdir: str) -> dict:
   state, _ = checkpoint.restore(manager, step, s.state, with_data=False)
   writer = make_writer(workdir, jax.process_index() == 0)
   start = time.time()
-  metrics, grid = evaluate_tokenizer(s.eval_step, state.params, state.vq_stats, s.lpips_params,
-                                     config, s.mesh)
+  metrics, grid = s.evaluate(state)
   metrics["seconds"] = round(time.time() - start, 2)
-  write_eval(writer, workdir, step, metrics, grid)
+  write_eval(writer, workdir, step, metrics, grid, notes=s.notes)
   writer.flush()
   manager.close()
   return metrics

