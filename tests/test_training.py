@@ -19,15 +19,50 @@ CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_smoke_variant_trains_and_evaluates(path, tmp_path):
   config = load_config(f"{path}:smoke")
-  state = train_and_evaluate(config, str(tmp_path))
+  with_fid = path == os.path.join("configs", "demo.py")  # rFID costs ~15 s: check it once
+  if with_fid:
+    with config.unlocked():
+      config.eval.fid = True
+      config.eval.fid_method = "eigh"  # sqrtm has its own tests; this keeps the run short
+      config.eval.stats_cache_dir = str(tmp_path / "cache")
+      config.eval.kid_subsets = 5
+  workdir = tmp_path / "run"
+  state = train_and_evaluate(config, str(workdir))
   assert int(state.step) == config.train.steps
-  report = json.load(open(tmp_path / f"eval_{config.train.steps}.json"))
+  report = json.load(open(workdir / f"eval_{config.train.steps}.json"))
   assert 0.0 < report["codebook_usage"] <= 1.0 and np.isfinite(report["psnr"])
-  assert glob.glob(str(tmp_path / "images" / "reconstructions_*.png"))
-  assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
-  assert "decoder/conv_out/kernel" in (tmp_path / "parameters.txt").read_text()
-  again = evaluate(config, str(tmp_path))  # --mode=eval on the saved checkpoint
+  assert glob.glob(str(workdir / "images" / "reconstructions_*.png"))
+  assert glob.glob(str(workdir / "events.out.tfevents.*"))
+  assert "decoder/conv_out/kernel" in (workdir / "parameters.txt").read_text()
+  again = evaluate(config, str(workdir))  # --mode=eval on the saved checkpoint
   np.testing.assert_allclose(again["psnr"], report["psnr"], rtol=1e-5)
+  if with_fid:
+    _check_rfid(config, workdir, report, again)
+  else:
+    assert "rfid" not in report
+
+
+def _check_rfid(config, workdir, report, again):
+  """rFID/KID reported at every eval; the val statistics cached once and reused."""
+  from jax.sharding import Mesh
+
+  from vqjax.data.pipeline import eval_batches
+  from vqjax.eval.evaluator import IS_UNAVAILABLE
+  from vqjax.eval.inception_features import InceptionExtractor, load_stats
+
+  for r in (json.load(open(workdir / "eval_0.json")), report):
+    assert np.isfinite(r["rfid"]) and r["rfid"] > 0 and np.isfinite(r["rkid"])
+    assert IS_UNAVAILABLE in r["notes"]
+  files = glob.glob(os.path.join(config.eval.stats_cache_dir, "*.npz"))
+  assert len(files) == 1  # built at step 0, loaded at the later evals and by --mode=eval
+  # The cache holds the real val images' statistics, recomputed here independently.
+  extractor = InceptionExtractor(Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
+                                      ("data", "model")))
+  direct = extractor.stats_of_batches(eval_batches(config))
+  cached = load_stats(files[0])
+  assert cached["num_images"] == direct.n == report["num_examples"] > 1
+  np.testing.assert_allclose(cached["mu"], direct.mean_cov()[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(again["rfid"], report["rfid"], rtol=1e-6)
 
 
 def test_killed_run_resumes_exactly(tmp_path, smoke_config):

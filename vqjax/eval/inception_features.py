@@ -10,6 +10,7 @@ by a hash of everything that changes them (`reference_key`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -37,19 +38,22 @@ def default_cache_dir() -> str:
       os.path.expanduser("~"), ".cache", "vqjax", "fid_stats")
 
 
+@functools.partial(jax.jit, static_argnames="precision")
+def _features(params, images, precision: str):
+  # One module-level jit: extractors built for the same mesh share compilations. The batch
+  # arrives split over `data` and the params replicated; the output keeps the batch split.
+  return FIDInceptionV3(precision=precision).apply({"params": params}, inception_input(images))
+
+
 class InceptionExtractor:
   """Jitted, data-parallel FID Inception: [B, H, W, 3] in [-1, 1] -> [B, 2048] float32."""
 
   def __init__(self, mesh: Mesh, weights_path: str | None = None, precision: str = "highest"):
     self.mesh = mesh
+    self.precision = precision
     self.weights_path = os.path.abspath(weights_path or fid_inception_path())
     self.params = jax.device_put(load_fid_inception_params(self.weights_path),
                                  partitioning.replicated(mesh))
-    model = FIDInceptionV3(precision=precision)
-    batch_sh = partitioning.batch_sharding(mesh)
-    self._fn = jax.jit(lambda p, x: model.apply({"params": p}, inception_input(x)),
-                       in_shardings=(partitioning.replicated(mesh), batch_sh),
-                       out_shardings=batch_sh)
 
   @property
   def data_size(self) -> int:
@@ -59,7 +63,7 @@ class InceptionExtractor:
     """Features of a batch already laid out over the mesh (or a host array to shard)."""
     if not isinstance(images, jax.Array):
       images = partitioning.shard_batch({"x": np.asarray(images, np.float32)}, self.mesh)["x"]
-    return self._fn(self.params, images)
+    return _features(self.params, images, self.precision)
 
   def gather(self, features: jax.Array, mask) -> np.ndarray:
     """Global features of the real (mask > 0) rows, on every host."""
