@@ -23,6 +23,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) tests
 
 test-slow: $(STAMP)
+	# The Inception-vs-torch comparison needs torch; it is skipped (with the reason) without it.
+	$(PY) -m pip install --quiet "torch==2.13.0+cpu" || \
+	  echo "no CPU torch 2.13.0 wheel offered here: the torch comparison tests will be skipped"
 	$(PY) -m pytest -q -m slow tests
 
 lint: $(STAMP)
@@ -30,6 +33,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/tokenizer_step.py --config=configs/vqgan_imagenet.py:smoke --batch_size=8
+	$(PY) benchmarks/inception_throughput.py --batch_size=32
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

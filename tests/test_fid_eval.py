@@ -104,3 +104,23 @@ def test_extractor_sharded_over_8_devices_equals_one_device():
   assert out.returncode == 0, out.stderr[-3000:]
   n, rel = out.stdout.split()
   assert int(n) == 8 and float(rel) < 1e-5
+
+
+def test_damaged_reference_cache_is_rebuilt_not_fatal(tmp_path, smoke_config):
+  from types import SimpleNamespace
+
+  from vqjax.eval.evaluator import ReferenceStats
+
+  with smoke_config.unlocked():
+    smoke_config.eval.stats_cache_dir = str(tmp_path)
+  extractor = SimpleNamespace(weights_path=fid_inception_path())
+  ref = ReferenceStats(smoke_config, extractor, "validation")
+  assert ref.cached is None and ref.building is not None  # nothing cached yet
+  stats = fs.RunningStats(2048)
+  stats.update(np.random.default_rng(0).normal(size=(4, 2048)))
+  incf.save_stats(ref.path, stats)
+  assert ReferenceStats(smoke_config, extractor, "validation").cached["num_images"] == 4
+  with open(ref.path, "wb") as f:
+    f.write(b"half a file")
+  again = ReferenceStats(smoke_config, extractor, "validation")
+  assert again.cached is None and again.building is not None

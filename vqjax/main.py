@@ -37,6 +37,7 @@ def main(argv):
                          "('tokenizer').")
   from vqjax.config_lib import ConfigError
   from vqjax.data.sources import DataSetNotFoundError
+  from vqjax.eval.feature_stats import FIDError
   from vqjax.train import loop, run
 
   try:
@@ -44,7 +45,8 @@ def main(argv):
       run.train_and_evaluate(config, _WORKDIR.value)
     else:
       run.evaluate(config, _WORKDIR.value)
-  except (ConfigError, DataSetNotFoundError, loop.NonFiniteLossError, FileNotFoundError) as e:
+  except (ConfigError, DataSetNotFoundError, FIDError, loop.NonFiniteLossError,
+          FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 

@@ -58,7 +58,12 @@ class ReferenceStats:
     self.description = incf.data_description(config, split)
     self.path = incf.reference_path(config.eval.stats_cache_dir, self.description,
                                     extractor.weights_path)
-    self.cached = incf.load_stats(self.path) if os.path.exists(self.path) else None
+    self.cached = None
+    if os.path.exists(self.path):
+      try:
+        self.cached = incf.load_stats(self.path)
+      except fs.FIDError as e:  # a half-written or damaged file: rebuild it in this pass
+        logging.warning("%s; recomputing it", e)
     self.building = None if self.cached else fs.RunningStats(incf.FEATURE_DIM,
                                                              config.eval.max_features)
 

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 
@@ -46,10 +48,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "sqrtm", eps: float
                    "images (NaN pixels?) and recompute the statistics")
   diff = mu1 - mu2
   if method == "sqrtm":
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.all(np.isfinite(covmean)):
-      offset = np.eye(s1.shape[0]) * eps
-      covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    # Fewer samples than dimensions make S1 S2 singular and SciPy warn; the result is still
+    # checked below (finite, small imaginary residue), which is the test that matters.
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+      covmean = scipy.linalg.sqrtm(s1 @ s2)
+      if not np.all(np.isfinite(covmean)):
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
       imag = float(np.max(np.abs(np.diagonal(covmean).imag)))
       scale = max(1.0, abs(float(np.trace(covmean).real)))
