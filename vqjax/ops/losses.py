@@ -1,4 +1,4 @@
-"""Reconstruction and adversarial losses (VQGAN, SPEC section 1)."""
+"""Reconstruction and adversarial losses (VQGAN, SPEC section 1); token losses (section 6)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,30 @@ def adaptive_weight(
   """
   weight = jnp.linalg.norm(grad_rec.ravel()) / (jnp.linalg.norm(grad_gan.ravel()) + eps)
   return jax.lax.stop_gradient(jnp.clip(weight, 0.0, max_weight))
+
+
+def smoothed_cross_entropy(logits: jax.Array, targets: jax.Array,
+                           label_smoothing: float = 0.0) -> jax.Array:
+  """Per-entry cross-entropy against (1 - s) one_hot(target) + s / K. Returns logits.shape[:-1]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
+
+
+def masked_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+                      label_smoothing: float = 0.1) -> tuple[jax.Array, jax.Array]:
+  """MaskGIT loss: mean smoothed cross-entropy over masked entries; also their top-1 accuracy.
+
+  logits [B, N(, c), K], targets and mask [B, N(, c)] (mask True = masked).
+  """
+  w = mask.astype(jnp.float32)
+  denom = jnp.maximum(jnp.sum(w), 1.0)
+  loss = jnp.sum(smoothed_cross_entropy(logits, targets, label_smoothing) * w) / denom
+  acc = jnp.sum((jnp.argmax(logits, -1) == targets) * w) / denom
+  return loss, acc
+
+
+def next_token_loss(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """AR loss: mean cross-entropy of [B, N, K] next-token logits; also top-1 accuracy."""
+  loss = jnp.mean(smoothed_cross_entropy(logits, targets))
+  return loss, jnp.mean(jnp.argmax(logits, -1) == targets)
