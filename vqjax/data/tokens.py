@@ -1,0 +1,143 @@
+"""A sharded `.npy` store of token maps (and labels), written resumably, read by Grain.
+
+Layout of a store folder:
+  meta.json                   token shape, codebook size, shard list, `complete`
+  tokens_00000.npy  [n, h, w] or [n, h, w, c] (int16 when K <= 32767, else int32)
+  labels_00000.npy  [n] int32
+Each shard is written to a temporary name and renamed, and `meta.json`
+(also replaced atomically) lists only finished shards. A killed writer
+therefore leaves a consistent store, and `TokenStoreWriter.num_done` says
+how many examples to skip when it is reopened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+class TokenStoreError(ValueError):
+  """A token store that does not fit the request; the message says what to do."""
+
+
+def _write_npy(path: str, array: np.ndarray) -> None:
+  tmp = f"{path}.tmp.npy"
+  np.save(tmp, array)
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, payload: dict) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _dtype(codebook_size: int):
+  return np.int16 if codebook_size <= np.iinfo(np.int16).max else np.int32
+
+
+class TokenStoreWriter:
+  """Appends (tokens, labels) batches; flushes every `shard_size` examples."""
+
+  def __init__(self, folder: str, token_shape: tuple[int, ...], codebook_size: int,
+               shard_size: int = 10_000, source: dict | None = None):
+    self.folder = folder
+    os.makedirs(folder, exist_ok=True)
+    self.meta_path = os.path.join(folder, "meta.json")
+    meta = {"token_shape": list(token_shape), "codebook_size": int(codebook_size),
+            "source": source or {}, "shards": [], "complete": False, "format": 1}
+    if os.path.exists(self.meta_path):
+      with open(self.meta_path) as f:
+        old = json.load(f)
+      for key in ("token_shape", "codebook_size", "source"):
+        if old.get(key) != meta[key]:
+          raise TokenStoreError(
+              f"{folder} already holds tokens with {key}={old.get(key)!r}, not {meta[key]!r}: "
+              "use another token directory, or delete this one to start over")
+      meta = old
+    self.meta = meta
+    self.shard_size = shard_size
+    self.dtype = _dtype(codebook_size)
+    self._tokens: list[np.ndarray] = []
+    self._labels: list[np.ndarray] = []
+    self._buffered = 0
+    _write_json(self.meta_path, self.meta)
+
+  @property
+  def num_done(self) -> int:
+    """Examples already stored in finished shards (skip these when resuming)."""
+    return sum(s["count"] for s in self.meta["shards"])
+
+  @property
+  def complete(self) -> bool:
+    return bool(self.meta["complete"])
+
+  def add(self, tokens: np.ndarray, labels: np.ndarray) -> None:
+    tokens = np.asarray(tokens)
+    if tokens.shape[1:] != tuple(self.meta["token_shape"]):
+      raise TokenStoreError(f"tokens of shape {tokens.shape[1:]}, store expects "
+                            f"{tuple(self.meta['token_shape'])}")
+    self._tokens.append(tokens.astype(self.dtype))
+    self._labels.append(np.asarray(labels, np.int32))
+    self._buffered += tokens.shape[0]
+    while self._buffered >= self.shard_size:
+      self._flush(self.shard_size)
+
+  def _flush(self, count: int) -> None:
+    tokens = np.concatenate(self._tokens)
+    labels = np.concatenate(self._labels)
+    index = len(self.meta["shards"])
+    names = (f"tokens_{index:05d}.npy", f"labels_{index:05d}.npy")
+    _write_npy(os.path.join(self.folder, names[0]), tokens[:count])
+    _write_npy(os.path.join(self.folder, names[1]), labels[:count])
+    self.meta["shards"].append({"tokens": names[0], "labels": names[1], "count": int(count)})
+    _write_json(self.meta_path, self.meta)
+    self._tokens, self._labels = [tokens[count:]], [labels[count:]]
+    self._buffered -= count
+
+  def finish(self) -> None:
+    if self._buffered:
+      self._flush(self._buffered)
+    self.meta["complete"] = True
+    _write_json(self.meta_path, self.meta)
+
+
+class TokenStore:
+  """Random-access source over a finished store: record i -> {'tokens', 'label'}."""
+
+  def __init__(self, folder: str, require_complete: bool = True):
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path):
+      raise TokenStoreError(f"no token store in {folder} (meta.json missing): extract tokens "
+                            "first with --mode=tokenize")
+    with open(meta_path) as f:
+      self.meta = json.load(f)
+    if require_complete and not self.meta["complete"]:
+      raise TokenStoreError(f"the token store in {folder} is incomplete: rerun --mode=tokenize "
+                            "with the same settings to finish it")
+    self._tokens = [np.load(os.path.join(folder, s["tokens"]), mmap_mode="r")
+                    for s in self.meta["shards"]]
+    self._labels = [np.load(os.path.join(folder, s["labels"])) for s in self.meta["shards"]]
+    self._starts = np.cumsum([0] + [s["count"] for s in self.meta["shards"]])
+
+  @property
+  def token_shape(self) -> tuple[int, ...]:
+    return tuple(self.meta["token_shape"])
+
+  @property
+  def codebook_size(self) -> int:
+    return int(self.meta["codebook_size"])
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int) -> dict:
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+    row = index - int(self._starts[shard])
+    return {"tokens": np.asarray(self._tokens[shard][row], np.int32),
+            "label": self._labels[shard][row]}
