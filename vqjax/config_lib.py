@@ -89,6 +89,14 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.eval.precision_recall = False  # k-NN (k=3) manifold precision/recall
   c.eval.max_features = 50_000  # raw features kept per set for KID and precision/recall
   c.eval.stats_cache_dir = ""  # '' = $VQJAX_CACHE_DIR or ~/.cache/vqjax/fid_stats
+
+  # --mode=tokenize: indices of a split for the transformer trainers.
+  c.tokenize = ml_collections.ConfigDict()
+  c.tokenize.split = "train"
+  c.tokenize.output_dir = ""  # '' = <workdir>/tokens_<split>
+  c.tokenize.batch_size = 64
+  c.tokenize.max_examples = 0  # 0 = the whole split
+  c.tokenize.shard_size = 10_000
   return c
 
 
@@ -169,6 +177,9 @@ def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.eval.batch_size = 8
   c.eval.max_examples = 8
   c.eval.fid = False  # Inception at 299px costs more than the smoke run itself
+  c.tokenize.batch_size = 8
+  c.tokenize.max_examples = 20
+  c.tokenize.shard_size = 8
   return c
 
 
@@ -194,7 +205,8 @@ def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
   validate_quantizer_config(m.quantizer)
   data_size = mesh_data_size(c, num_devices)
   for name, batch in (("train.batch_size", c.train.batch_size),
-                      ("eval.batch_size", c.eval.batch_size)):
+                      ("eval.batch_size", c.eval.batch_size),
+                      ("tokenize.batch_size", c.tokenize.batch_size)):
     if batch % data_size or batch % process_count:
       raise ConfigError(
           f"{name}={batch} cannot be split over the mesh's data axis of size {data_size} "

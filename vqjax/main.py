@@ -1,7 +1,9 @@
 """Entry point: python -m vqjax.main --config=configs/<recipe>.py[:variant] --workdir=DIR.
 
   --mode=train (default) trains, resuming from the latest checkpoint in DIR;
-  --mode=eval evaluates the latest (or config.eval.checkpoint_step) checkpoint.
+  --mode=eval evaluates the latest (or config.eval.checkpoint_step) checkpoint;
+  --mode=tokenize writes that checkpoint's token maps of config.tokenize.split
+  to a token store (DIR/tokens_<split> unless config.tokenize.output_dir).
   Any config field can be overridden: --config.train.steps=50. Configs are
   locked, so a misspelt key stops here, before anything is built.
 """
@@ -17,7 +19,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file, e.g. configs/demo.py or configs/vqgan_imagenet.py:smoke.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "tokenize"], "What to run.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host GPU or TPU pod).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -37,16 +39,21 @@ def main(argv):
                          "('tokenizer').")
   from vqjax.config_lib import ConfigError
   from vqjax.data.sources import DataSetNotFoundError
+  from vqjax.data.tokens import TokenStoreError
   from vqjax.eval.feature_stats import FIDError
   from vqjax.train import loop, run
 
   try:
     if _MODE.value == "train":
       run.train_and_evaluate(config, _WORKDIR.value)
+    elif _MODE.value == "tokenize":
+      from vqjax.train.tokenize import tokenize
+
+      tokenize(config, _WORKDIR.value)
     else:
       run.evaluate(config, _WORKDIR.value)
-  except (ConfigError, DataSetNotFoundError, FIDError, loop.NonFiniteLossError,
-          FileNotFoundError) as e:
+  except (ConfigError, DataSetNotFoundError, FIDError, TokenStoreError,
+          loop.NonFiniteLossError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 

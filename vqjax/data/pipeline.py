@@ -85,21 +85,44 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1):
   return ds, preprocess
 
 
-def eval_batches(config, process_index: int = 0, process_count: int = 1):
-  """A finite, deterministic pass over the validation split.
+def _skip_then_batch(examples, skip: int, size: int):
+  it = iter(examples)
+  for _ in range(skip):
+    if next(it, None) is None:
+      return
+  while True:
+    chunk = [e for _, e in zip(range(size), it, strict=False)]
+    if not chunk:
+      return
+    yield {k: np.stack([e[k] for e in chunk]) for k in chunk[0]}
+
+
+def eval_batches(config, process_index: int = 0, process_count: int = 1, split: str | None = None,
+                 batch_size: int | None = None, max_examples: int | None = None,
+                 skip: int = 0):
+  """A finite, deterministic pass over a split (default: the validation split).
 
   Yields per-process batches of a fixed size padded at the end; `mask` is 1
   for real examples and 0 for padding, so every batch splits over the mesh.
+  `skip` drops the first `skip` decoded examples of the pass (resuming a
+  writer that counted what it stored; corrupt images, already dropped, do
+  not shift the count).
   """
   d = config.data
-  source = build_source(d, d.val_split)
+  source = build_source(d, split or d.val_split)
   preprocess = Preprocess(d.image_size, d.resize_shorter, d.eval_random_crop, False)
-  per_process = config.eval.batch_size // process_count
+  per_process = (batch_size or config.eval.batch_size) // process_count
+  max_examples = config.eval.max_examples if max_examples is None else max_examples
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.random_map(preprocess, seed=config.seed + 2)
-  if config.eval.max_examples > 0:
-    ds = ds[: config.eval.max_examples // process_count]
-  for batch in ds.to_iter_dataset().batch(per_process, drop_remainder=False):
+  if max_examples > 0:
+    ds = ds[: max_examples // process_count]
+  examples = ds.to_iter_dataset()
+  if skip:
+    examples = _skip_then_batch(examples, skip, per_process)
+  else:
+    examples = examples.batch(per_process, drop_remainder=False)
+  for batch in examples:
     n = batch["image"].shape[0]
     pad = per_process - n
     batch["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])

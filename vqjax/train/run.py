@@ -172,9 +172,8 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
   return state
 
 
-def evaluate(config, workdir: str) -> dict:
-  """--mode=eval: metrics of a saved checkpoint (latest, or config.eval.checkpoint_step)."""
-  s = setup(config)
+def restore_for_eval(config, workdir: str, s: Setup):
+  """(state, step) of the latest checkpoint, or of `config.eval.checkpoint_step`."""
   manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
   step = config.eval.checkpoint_step if config.eval.checkpoint_step >= 0 else manager.latest_step()
   if step is None or step not in manager.all_steps():
@@ -183,13 +182,20 @@ def evaluate(config, workdir: str) -> dict:
         f"{os.path.join(workdir, 'checkpoints')}: train first, or set --workdir to a run "
         f"directory (available steps: {list(manager.all_steps())}).")
   state, _ = checkpoint.restore(manager, step, s.state, with_data=False)
+  manager.close()
+  return state, step
+
+
+def evaluate(config, workdir: str) -> dict:
+  """--mode=eval: metrics of a saved checkpoint (latest, or config.eval.checkpoint_step)."""
+  s = setup(config)
+  state, step = restore_for_eval(config, workdir, s)
   writer = make_writer(workdir, jax.process_index() == 0)
   start = time.time()
   metrics, grid = s.evaluate(state)
   metrics["seconds"] = round(time.time() - start, 2)
   write_eval(writer, workdir, step, metrics, grid, notes=s.notes)
   writer.flush()
-  manager.close()
   return metrics
 
 
