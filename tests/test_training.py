@@ -13,7 +13,8 @@ from vqjax.train import checkpoint, partitioning
 from vqjax.train.loop import NonFiniteGuard, NonFiniteLossError, StopRequest
 from vqjax.train.run import evaluate, setup, train_and_evaluate
 
-CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if load_config(os.path.relpath(p, ROOT)).trainer == "tokenizer")
 
 
 @pytest.mark.parametrize("path", CONFIGS)

@@ -258,3 +258,83 @@ def mesh_data_size(c: ml_collections.ConfigDict, num_devices: int) -> int:
     raise ConfigError(f"mesh (data={data}, model={model}) needs {data * model} devices, "
                       f"but {num_devices} are visible: set mesh.data=-1 or fix the sizes.")
   return data
+
+
+DEFAULT_LOGICAL_RULES = (("embed", None), ("mlp", "model"), ("heads", "model"), ("kv", None),
+                         ("vocab", "model"))
+
+
+def transformer_config(kind: str) -> ml_collections.ConfigDict:
+  """A token transformer recipe (SPEC 6): kind 'maskgit' or 'gpt', base sizes."""
+  if kind not in ("maskgit", "gpt"):
+    raise ConfigError(f"transformer kind must be 'maskgit' or 'gpt', not {kind!r}")
+  c = ml_collections.ConfigDict()
+  c.trainer = "transformer"
+  c.seed = 0
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.model = 1
+  c.mesh.rules = DEFAULT_LOGICAL_RULES  # logical axis -> mesh axis (None = replicated)
+
+  c.tokens = ml_collections.ConfigDict()
+  c.tokens.dir = ""  # a store written by --mode=tokenize (required)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.kind = kind
+  c.model.width = 768
+  c.model.depth = 24
+  c.model.heads = 12
+  c.model.mlp_dim = 3072
+  c.model.dropout = 0.1
+  c.model.num_classes = 1000  # 0 = unconditional
+  c.model.cond_dropout = 0.1  # fraction of labels replaced by "no class" (for guidance)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.label_smoothing = 0.1 if kind == "maskgit" else 0.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4 if kind == "maskgit" else 4.5e-4
+  c.optim.warmup_steps = 5000
+  c.optim.weight_decay = 0.045 if kind == "maskgit" else 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.96 if kind == "maskgit" else 0.95
+  c.optim.grad_clip = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 300_000
+  c.train.batch_size = 256
+  c.train.log_every = 100
+  c.train.checkpoint_every = 5000
+  c.train.keep_checkpoints = 3
+  c.train.max_consecutive_nonfinite = 10
+  return c
+
+
+def transformer_smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few CPU steps of a tiny transformer."""
+  c.model.width = 32
+  c.model.depth = 2
+  c.model.heads = 4
+  c.model.mlp_dim = 64
+  c.optim.warmup_steps = 2
+  c.train.steps = 4
+  c.train.batch_size = 4
+  c.train.log_every = 2
+  c.train.checkpoint_every = 2
+  return c
+
+
+def validate_transformer_config(c: ml_collections.ConfigDict, num_devices: int,
+                                process_count: int = 1) -> None:
+  m = c.model
+  if m.kind not in ("maskgit", "gpt"):
+    raise ConfigError(f"model.kind must be 'maskgit' or 'gpt', not {m.kind!r}.")
+  if m.width % m.heads:
+    raise ConfigError(f"model.heads={m.heads} does not divide model.width={m.width}.")
+  if not c.tokens.dir:
+    raise ConfigError("tokens.dir is empty: extract tokens with a tokenizer config and "
+                      "--mode=tokenize, then pass --config.tokens.dir=<that folder>.")
+  data_size = mesh_data_size(c, num_devices)
+  if c.train.batch_size % (data_size * process_count):
+    raise ConfigError(f"train.batch_size={c.train.batch_size} cannot be split over the mesh's "
+                      f"data axis of size {data_size} and {process_count} process(es).")

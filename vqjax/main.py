@@ -34,9 +34,12 @@ def main(argv):
 
     jax.distributed.initialize()
   config = _CONFIG.value
-  if config.trainer != "tokenizer":
+  if config.trainer not in ("tokenizer", "transformer"):
     raise app.UsageError(f"config.trainer={config.trainer!r} is not one this version runs "
-                         "('tokenizer').")
+                         "('tokenizer', 'transformer').")
+  if config.trainer == "transformer" and _MODE.value != "train":
+    raise app.UsageError(f"--mode={_MODE.value} is for tokenizer configs; a transformer config "
+                         "only trains in this version (sampling comes with --mode=sample)")
   from vqjax.config_lib import ConfigError
   from vqjax.data.sources import DataSetNotFoundError
   from vqjax.data.tokens import TokenStoreError
@@ -44,7 +47,11 @@ def main(argv):
   from vqjax.train import loop, run
 
   try:
-    if _MODE.value == "train":
+    if config.trainer == "transformer":
+      from vqjax.train import transformer
+
+      transformer.train(config, _WORKDIR.value)
+    elif _MODE.value == "train":
       run.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == "tokenize":
       from vqjax.train.tokenize import tokenize

@@ -3,7 +3,7 @@
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`,
 `vocab`; `None` for position tables), so a rule list such as
 `(("mlp", "model"), ("heads", "model"), ("vocab", "model"))` shards them over
-the mesh's `model` axis (`logical_shardings`).
+the mesh's `model` axis (`vqjax.train.partitioning.logical_shardings`).
 
 The KV cache is explicit state: `GPT.init_cache` makes it and every call
 that takes it returns the updated one, so decoding is a pure function of
@@ -246,8 +246,3 @@ class GPT(nn.Module):
     shape = (batch, self.max_len, self.heads, self.width // self.heads)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.depth)]
 
-
-def logical_shardings(mesh, abstract_params, rules):
-  """NamedShardings of boxed (logically partitioned) params under `rules`."""
-  specs = nn.get_partition_spec(abstract_params)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)

@@ -52,3 +52,27 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       batch)
+
+
+def logical_shardings(mesh: Mesh, abstract_boxed, rules) -> object:
+  """NamedShardings for a tree of logically partitioned (boxed) leaves under `rules`.
+
+  A dimension whose size the mapped mesh axes do not divide (e.g. a
+  vocabulary of K + classes + 1 rows) stays replicated instead of failing.
+  """
+  import flax.linen as nn
+
+  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), tuple(map(tuple, rules)))
+  spec_leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, P))
+  arrays = jax.tree.leaves(nn.unbox(abstract_boxed))
+
+  def fit(x, spec: P) -> NamedSharding:
+    dims = list(spec) + [None] * (len(x.shape) - len(spec))
+    for i, axes in enumerate(dims):
+      names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+      if names and x.shape[i] % int(np.prod([mesh.shape[n] for n in names])):
+        dims[i] = None
+    return NamedSharding(mesh, P(*dims))
+
+  return jax.tree.unflatten(treedef, [fit(x, s) for x, s in zip(arrays, spec_leaves,
+                                                                  strict=True)])
