@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(PY) -m vqjax.main --config=configs/demo.py --workdir=$(WORKDIR)
+	$(PY) -m vqjax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=tokenize
+	$(PY) -m vqjax.main --config=configs/maskgit_imagenet.py:demo --workdir=$(WORKDIR)/maskgit \
+	  --config.tokens.dir=$(WORKDIR)/tokens_train --config.tokenizer.workdir=$(WORKDIR)
+	$(PY) -m vqjax.main --config=configs/maskgit_imagenet.py:demo --workdir=$(WORKDIR)/maskgit \
+	  --config.tokens.dir=$(WORKDIR)/tokens_train --config.tokenizer.workdir=$(WORKDIR) \
+	  --mode=sample
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) tests

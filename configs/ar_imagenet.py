@@ -17,7 +17,7 @@ def get_config(arg=None):
   if arg == "smoke":
     config_lib.transformer_smoke_overrides(c)
     c.tokens.dir = "runs/demo/tokens_train"
-    c.model.num_classes = 8
+    c.model.num_classes = 12  # the embedded set's images are its classes
   elif arg:
     raise ValueError(f"unknown variant {arg!r} for ar_imagenet.py; use '' or 'smoke'")
   c.lock()

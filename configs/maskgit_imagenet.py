@@ -4,7 +4,8 @@
       --config.tokens.dir=<tokenizer workdir>/tokens_train
 
 `smoke`: a tiny model on the demo tokenizer's tokens (`make demo` writes
-runs/demo/tokens_train), a few CPU steps.
+runs/demo/tokens_train), a few CPU steps. `demo`: the small MaskGIT that
+`make demo` trains on those tokens (a couple of minutes on 2 CPU cores).
 """
 
 from vqjax import config_lib
@@ -12,11 +13,24 @@ from vqjax import config_lib
 
 def get_config(arg=None):
   c = config_lib.transformer_config("maskgit")
-  if arg == "smoke":
+  if arg in ("smoke", "demo"):
     config_lib.transformer_smoke_overrides(c)
     c.tokens.dir = "runs/demo/tokens_train"
-    c.model.num_classes = 8
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} for maskgit_imagenet.py; use '' or 'smoke'")
+    c.model.num_classes = 12  # the embedded set's images are its classes
+  if arg == "demo":
+    c.model.width = 128
+    c.model.depth = 4
+    c.model.heads = 4
+    c.model.mlp_dim = 512
+    c.optim.lr = 4e-4
+    c.optim.warmup_steps = 50
+    c.train.steps = 400
+    c.train.batch_size = 16
+    c.train.log_every = 50
+    c.train.checkpoint_every = 200
+    c.sample.num_images = 16
+    c.sample.batch_size = 16
+  elif arg not in (None, "", "smoke"):
+    raise ValueError(f"unknown variant {arg!r} for maskgit_imagenet.py; use '', smoke or demo")
   c.lock()
   return c

@@ -18,6 +18,8 @@ def get_config(arg=None):
   if arg == "smoke":
     config_lib.transformer_smoke_overrides(c)
     c.tokens.dir = "runs/multichannel/tokens_train"
+    c.tokenizer.config = "configs/vq_variants.py:multichannel"
+    c.tokenizer.workdir = "runs/multichannel"
   elif arg:
     raise ValueError(f"unknown variant {arg!r} for movq_maskgit_ffhq.py; use '' or 'smoke'")
   c.lock()

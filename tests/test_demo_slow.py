@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -20,3 +21,9 @@ def test_make_demo_improves_reconstructions(tmp_path):
   assert end["psnr"] > start["psnr"] + 4.0
   assert end["lpips"] < start["lpips"] - 0.1
   assert os.path.exists(workdir / "images" / "reconstructions_0000300.png")
+  # Then tokens of the train split, a small MaskGIT on them, and a grid of its samples.
+  meta = json.load(open(workdir / "tokens_train" / "meta.json"))
+  assert meta["complete"] and meta["token_shape"] == [16, 16]
+  samples = np.load(workdir / "maskgit" / "samples" / "samples_400.npz")
+  assert samples["images"].shape == (16, 64, 64, 3)
+  assert os.path.exists(workdir / "maskgit" / "samples" / "samples_400.png")

@@ -181,3 +181,27 @@ def test_maskgit_transformer_shapes_condition_and_logical_axes(channels):
   names = {"embed", "mlp", "heads", "kv", "vocab", None}
   boxed = jax.tree.leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert boxed and all(isinstance(b, nn.Partitioned) and set(b.names) <= names for b in boxed)
+
+
+@pytest.mark.parametrize("kind,classes,guidance", [("maskgit", 0, 0.0), ("maskgit", 4, 2.0),
+                                                   ("gpt", 4, 1.5), ("gpt", 0, 0.0)])
+def test_sample_tokens_for_each_model_kind(kind, classes, guidance):
+  from vqjax import config_lib
+  from vqjax.train.sample import sample_tokens
+  from vqjax.train.transformer import build_model
+
+  c = config_lib.transformer_smoke_overrides(config_lib.transformer_config(kind))
+  c.model.num_classes = classes
+  c.model.dropout = 0.0
+  c.sample.steps = 3
+  c.sample.top_k = 5
+  c.sample.guidance_scale = guidance
+  model = build_model(c, (3, 3), 11)
+  labels = jnp.array([0, 3])
+  if kind == "maskgit":
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 9), jnp.int32),
+                        labels if classes else None)["params"]
+  else:
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 9), jnp.int32), labels)["params"]
+  tokens = sample_tokens(model, nn.unbox(params), c, labels, (9,), jax.random.PRNGKey(1))
+  assert tokens.shape == (2, 9) and int(tokens.min()) >= 0 and int(tokens.max()) < 11

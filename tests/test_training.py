@@ -74,6 +74,37 @@ def _check_tokenize(config, workdir):
   resumed = TokenStore(folder)
   np.testing.assert_array_equal(
       np.stack([resumed[i]["tokens"] for i in range(len(resumed))]), saved)
+  _check_sample(folder, workdir, s, state)
+
+
+def _check_sample(token_folder, tokenizer_workdir, tokenizer_setup, tokenizer_state):
+  """A tiny MaskGIT on those tokens, then --mode=sample decodes with that tokenizer."""
+  from vqjax.nn.vqgan import VQGAN
+  from vqjax.train import transformer
+  from vqjax.train.sample import sample
+
+  c = load_config("configs/maskgit_imagenet.py:smoke")
+  with c.unlocked():
+    c.tokens.dir = token_folder
+    c.tokenizer.config = os.path.join(ROOT, "configs/demo.py:smoke")
+    c.tokenizer.workdir = str(tokenizer_workdir)
+    c.train.steps = 2
+    c.sample.num_images = 3
+    c.sample.batch_size = 2
+    c.sample.steps = 4
+  run_dir = tokenizer_workdir / "maskgit"
+  transformer.train(c, str(run_dir))
+  out = np.load(sample(c, str(run_dir)))
+  assert out["images"].shape == (3, 32, 32, 3) and out["images"].dtype == np.uint8
+  assert out["tokens"].shape == (3, 16, 16) and out["tokens"].max() < 32
+  np.testing.assert_array_equal(out["labels"], [0, 1, 2])  # labels cycle through the classes
+  # The images are the tokenizer's decoding of the sampled tokens.
+  x = tokenizer_setup.models.vqgan.apply(
+      {"params": tokenizer_state.params, "vq_stats": tokenizer_state.vq_stats}, out["tokens"],
+      method=VQGAN.decode_indices)
+  expect = np.clip((np.clip(np.asarray(x), -1, 1) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+  assert np.abs(expect.astype(int) - out["images"].astype(int)).max() <= 1
+  assert (run_dir / "samples" / "samples_2.png").exists()
 
 
 def _check_rfid(config, workdir, report, again):

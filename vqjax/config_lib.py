@@ -279,6 +279,21 @@ def transformer_config(kind: str) -> ml_collections.ConfigDict:
   c.tokens = ml_collections.ConfigDict()
   c.tokens.dir = ""  # a store written by --mode=tokenize (required)
 
+  # The tokenizer that decodes samples (--mode=sample): its recipe and run directory.
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.config = ""  # e.g. "configs/demo.py"
+  c.tokenizer.workdir = ""
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_images = 16
+  c.sample.batch_size = 16
+  c.sample.steps = 12  # MaskGIT decoding steps
+  c.sample.choice_temperature = 4.5  # MaskGIT
+  c.sample.temperature = 1.0
+  c.sample.top_k = 0  # GPT; 0 = off
+  c.sample.top_p = 1.0  # GPT; 1 = off
+  c.sample.guidance_scale = 0.0  # classifier-free guidance; 0 = off
+
   c.model = ml_collections.ConfigDict()
   c.model.kind = kind
   c.model.width = 768
@@ -321,6 +336,10 @@ def transformer_smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.
   c.train.batch_size = 4
   c.train.log_every = 2
   c.train.checkpoint_every = 2
+  c.tokenizer.config = "configs/demo.py"
+  c.tokenizer.workdir = "runs/demo"
+  c.sample.num_images = 8
+  c.sample.batch_size = 8
   return c
 
 
@@ -338,3 +357,19 @@ def validate_transformer_config(c: ml_collections.ConfigDict, num_devices: int,
   if c.train.batch_size % (data_size * process_count):
     raise ConfigError(f"train.batch_size={c.train.batch_size} cannot be split over the mesh's "
                       f"data axis of size {data_size} and {process_count} process(es).")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/recipe.py[:variant]` -> its locked config, as --config would build it."""
+  import importlib.util
+  import os
+
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} not found (relative paths start at the current "
+                      "directory; run from the repository root or give an absolute path)")
+  module_spec = importlib.util.spec_from_file_location(
+      "vqjax_cfg_" + os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

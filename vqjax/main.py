@@ -4,6 +4,8 @@
   --mode=eval evaluates the latest (or config.eval.checkpoint_step) checkpoint;
   --mode=tokenize writes that checkpoint's token maps of config.tokenize.split
   to a token store (DIR/tokens_<split> unless config.tokenize.output_dir).
+  Transformer configs: --mode=train, or --mode=sample (images decoded by the
+  tokenizer named in config.tokenizer).
   Any config field can be overridden: --config.train.steps=50. Configs are
   locked, so a misspelt key stops here, before anything is built.
 """
@@ -19,7 +21,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file, e.g. configs/demo.py or configs/vqgan_imagenet.py:smoke.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "tokenize"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "tokenize", "sample"],
+                          "What to run.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host GPU or TPU pod).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -37,9 +40,10 @@ def main(argv):
   if config.trainer not in ("tokenizer", "transformer"):
     raise app.UsageError(f"config.trainer={config.trainer!r} is not one this version runs "
                          "('tokenizer', 'transformer').")
-  if config.trainer == "transformer" and _MODE.value != "train":
-    raise app.UsageError(f"--mode={_MODE.value} is for tokenizer configs; a transformer config "
-                         "only trains in this version (sampling comes with --mode=sample)")
+  modes = {"tokenizer": ("train", "eval", "tokenize"), "transformer": ("train", "sample")}
+  if _MODE.value not in modes[config.trainer]:
+    raise app.UsageError(f"--mode={_MODE.value} does not apply to a {config.trainer} config; "
+                         f"use one of {modes[config.trainer]}")
   from vqjax.config_lib import ConfigError
   from vqjax.data.sources import DataSetNotFoundError
   from vqjax.data.tokens import TokenStoreError
@@ -47,7 +51,11 @@ def main(argv):
   from vqjax.train import loop, run
 
   try:
-    if config.trainer == "transformer":
+    if config.trainer == "transformer" and _MODE.value == "sample":
+      from vqjax.train.sample import sample
+
+      sample(config, _WORKDIR.value)
+    elif config.trainer == "transformer":
       from vqjax.train import transformer
 
       transformer.train(config, _WORKDIR.value)

@@ -131,6 +131,9 @@ class TokenStore:
   def codebook_size(self) -> int:
     return int(self.meta["codebook_size"])
 
+  def max_label(self) -> int:
+    return max((int(x.max()) for x in self._labels if x.size), default=-1)
+
   def __len__(self) -> int:
     return int(self._starts[-1])
 

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from clu import periodic_actions
 
-from vqjax.config_lib import validate_transformer_config
+from vqjax.config_lib import ConfigError, validate_transformer_config
 from vqjax.data.tokens import TokenStore
 from vqjax.nn.transformers import GPT, MaskGITTransformer
 from vqjax.ops.losses import masked_token_loss, next_token_loss
@@ -128,6 +128,10 @@ def setup(config, devices=None):
   devices = list(devices if devices is not None else jax.devices())
   validate_transformer_config(config, len(devices), jax.process_count())
   store = TokenStore(config.tokens.dir)
+  if config.model.num_classes and store.max_label() >= config.model.num_classes:
+    raise ConfigError(f"the token store has labels up to {store.max_label()}, but "
+                      f"model.num_classes={config.model.num_classes}: raise it, or set 0 for "
+                      "an unconditional model")
   model = build_model(config, store.token_shape, store.codebook_size)
   tx = make_optimizer(config)
   mesh = partitioning.make_mesh(config, devices)
