@@ -105,6 +105,41 @@ def _check_sample(token_folder, tokenizer_workdir, tokenizer_setup, tokenizer_st
   expect = np.clip((np.clip(np.asarray(x), -1, 1) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
   assert np.abs(expect.astype(int) - out["images"].astype(int)).max() <= 1
   assert (run_dir / "samples" / "samples_2.png").exists()
+  _check_visualize(token_folder, tokenizer_workdir, tokenizer_setup, tokenizer_state)
+
+
+def _check_visualize(token_folder, tokenizer_workdir, tokenizer_setup, tokenizer_state):
+  """--mode=visualize: the grid's columns and the accuracy, recomputed here by hand."""
+  import flax.linen as nn
+  from PIL import Image
+
+  from vqjax.data.pipeline import eval_batches
+  from vqjax.nn.vqgan import VQGAN
+  from vqjax.train import transformer
+  from vqjax.train.visualize import visualize
+
+  c = load_config("configs/ar_imagenet.py:smoke")
+  with c.unlocked():
+    c.tokens.dir = token_folder
+    c.tokenizer.config = os.path.join(ROOT, "configs/demo.py:smoke")
+    c.tokenizer.workdir = str(tokenizer_workdir)
+    c.train.steps = 2
+  run_dir = tokenizer_workdir / "gpt"
+  state = transformer.train(c, str(run_dir))
+  out = visualize(c, str(run_dir), num_images=3)
+  grid = np.asarray(Image.open(run_dir / "visualize" / "visualize_2.png"))
+  assert grid.shape == (3 * 32, 3 * 32, 3) and out["num_images"] == 3
+  tok_config = load_config("configs/demo.py:smoke")
+  batch = next(eval_batches(tok_config, batch_size=3, max_examples=3))
+  variables = {"params": tokenizer_state.params, "vq_stats": tokenizer_state.vq_stats}
+  tokens = np.asarray(tokenizer_setup.models.vqgan.apply(variables, batch["image"],
+                                                         method=VQGAN.encode).indices)
+  logits = transformer.build_model(c, (16, 16), 32).apply(
+      {"params": nn.unbox(state.params)}, tokens.reshape(3, -1), np.asarray(batch["label"]))
+  acc = (np.asarray(logits).argmax(-1) == tokens.reshape(3, -1)).mean()
+  np.testing.assert_allclose(out["top1_accuracy"], acc, rtol=1e-6)
+  first_input = np.clip((batch["image"][0] + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+  np.testing.assert_array_equal(grid[:32, :32], first_input)  # column 1: the input
 
 
 def _check_rfid(config, workdir, report, again):

@@ -4,8 +4,9 @@
   --mode=eval evaluates the latest (or config.eval.checkpoint_step) checkpoint;
   --mode=tokenize writes that checkpoint's token maps of config.tokenize.split
   to a token store (DIR/tokens_<split> unless config.tokenize.output_dir).
-  Transformer configs: --mode=train, or --mode=sample (images decoded by the
-  tokenizer named in config.tokenizer).
+  Transformer configs: --mode=train, --mode=sample (images decoded by the
+  tokenizer named in config.tokenizer), or --mode=visualize (GPT only: the
+  teacher-forced [input | reconstruction | AR top-1] grid and its accuracy).
   Any config field can be overridden: --config.train.steps=50. Configs are
   locked, so a misspelt key stops here, before anything is built.
 """
@@ -21,7 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Recipe file, e.g. configs/demo.py or configs/vqgan_imagenet.py:smoke.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "tokenize", "sample"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "tokenize", "sample", "visualize"],
                           "What to run.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host GPU or TPU pod).")
@@ -40,7 +41,8 @@ def main(argv):
   if config.trainer not in ("tokenizer", "transformer"):
     raise app.UsageError(f"config.trainer={config.trainer!r} is not one this version runs "
                          "('tokenizer', 'transformer').")
-  modes = {"tokenizer": ("train", "eval", "tokenize"), "transformer": ("train", "sample")}
+  modes = {"tokenizer": ("train", "eval", "tokenize"),
+           "transformer": ("train", "sample", "visualize")}
   if _MODE.value not in modes[config.trainer]:
     raise app.UsageError(f"--mode={_MODE.value} does not apply to a {config.trainer} config; "
                          f"use one of {modes[config.trainer]}")
@@ -51,7 +53,11 @@ def main(argv):
   from vqjax.train import loop, run
 
   try:
-    if config.trainer == "transformer" and _MODE.value == "sample":
+    if config.trainer == "transformer" and _MODE.value == "visualize":
+      from vqjax.train.visualize import visualize
+
+      visualize(config, _WORKDIR.value)
+    elif config.trainer == "transformer" and _MODE.value == "sample":
       from vqjax.train.sample import sample
 
       sample(config, _WORKDIR.value)
