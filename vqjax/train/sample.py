@@ -36,6 +36,28 @@ def _restore_latest(workdir: str, template, what: str):
   return state, step
 
 
+def restore_models(config, workdir: str):
+  """The latest transformer and the tokenizer named in `config.tokenizer`, both restored.
+
+  Returns (model, params, step, store, tokenizer setup, tokenizer config, tokenizer variables).
+  """
+  from vqjax.train import run
+
+  if not config.tokenizer.config or not config.tokenizer.workdir:
+    raise ConfigError("set config.tokenizer.config (the tokenizer recipe) and "
+                      "config.tokenizer.workdir (its run directory) to decode tokens")
+  model, _, _, state, _, _, store = transformer.setup(config)
+  state, step = _restore_latest(workdir, state, "transformer")
+  tok_config = load_config_file(config.tokenizer.config).copy_and_resolve_references()
+  with tok_config.unlocked():
+    tok_config.eval.fid = False
+  tok = run.setup(tok_config)
+  tok_state, _ = _restore_latest(config.tokenizer.workdir, tok.state, "tokenizer")
+  variables = {"params": tok_state.params,
+               **({"vq_stats": tok_state.vq_stats} if tok_state.vq_stats else {})}
+  return model, nn.unbox(state.params), step, store, tok, tok_config, variables
+
+
 def sample_tokens(model, params, config, labels, shape, rng):
   """[B, h*w(, c)] tokens for `labels` ([B] ints, ignored when unconditional)."""
   s, m = config.sample, config.model
@@ -71,21 +93,7 @@ def sample_tokens(model, params, config, labels, shape, rng):
 
 def sample(config, workdir: str) -> str:
   """Write the samples; returns the .npz path."""
-  from vqjax.train import run
-
-  if not config.tokenizer.config or not config.tokenizer.workdir:
-    raise ConfigError("set config.tokenizer.config (the tokenizer recipe) and "
-                      "config.tokenizer.workdir (its run directory) to decode samples")
-  model, _, _, state, _, _, store = transformer.setup(config)
-  state, step = _restore_latest(workdir, state, "transformer")
-  params = nn.unbox(state.params)
-  tok_config = load_config_file(config.tokenizer.config).copy_and_resolve_references()
-  with tok_config.unlocked():
-    tok_config.eval.fid = False
-  tok = run.setup(tok_config)
-  tok_state, _ = _restore_latest(config.tokenizer.workdir, tok.state, "tokenizer")
-  variables = {"params": tok_state.params,
-               **({"vq_stats": tok_state.vq_stats} if tok_state.vq_stats else {})}
+  model, params, step, store, tok, _, variables = restore_models(config, workdir)
   h, w = store.token_shape[:2]
   flat_shape = (h * w,) + store.token_shape[2:]
   draw = jax.jit(lambda p, labels, r: sample_tokens(model, p, config, labels, flat_shape, r))

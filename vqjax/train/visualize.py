@@ -11,39 +11,24 @@ from __future__ import annotations
 
 import os
 
-import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from vqjax.config_lib import ConfigError, load_config_file
+from vqjax.config_lib import ConfigError
 from vqjax.data.pipeline import eval_batches
 from vqjax.nn.vqgan import VQGAN
 from vqjax.sampling.visualize import teacher_forced_top1
-from vqjax.train import transformer
 from vqjax.train.loop import image_grid, write_json
-from vqjax.train.sample import _restore_latest
+from vqjax.train.sample import restore_models
 
 
 def visualize(config, workdir: str, num_images: int = 8) -> dict:
   """Grid and accuracy for `num_images` validation images; returns the JSON payload."""
-  from vqjax.train import run
-
   if config.model.kind != "gpt":
     raise ConfigError("--mode=visualize needs a causal model (model.kind='gpt'): teacher "
                       "forcing predicts each token from the true tokens before it")
-  if not config.tokenizer.config or not config.tokenizer.workdir:
-    raise ConfigError("set config.tokenizer.config and config.tokenizer.workdir")
-  model, _, _, state, _, _, store = transformer.setup(config)
-  state, step = _restore_latest(workdir, state, "transformer")
-  params = nn.unbox(state.params)
-  tok_config = load_config_file(config.tokenizer.config).copy_and_resolve_references()
-  with tok_config.unlocked():
-    tok_config.eval.fid = False
-  tok = run.setup(tok_config)
-  tok_state, _ = _restore_latest(config.tokenizer.workdir, tok.state, "tokenizer")
-  variables = {"params": tok_state.params,
-               **({"vq_stats": tok_state.vq_stats} if tok_state.vq_stats else {})}
+  model, params, step, store, tok, tok_config, variables = restore_models(config, workdir)
   batch = next(eval_batches(tok_config, batch_size=num_images, max_examples=num_images))
   n = int(batch["mask"].sum())
   images = batch["image"][:n]
