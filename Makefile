@@ -26,7 +26,7 @@ demo: $(STAMP)
 	  --mode=sample
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 test-slow: $(STAMP)
 	# The Inception-vs-torch comparison needs torch; it is skipped (with the reason) without it.

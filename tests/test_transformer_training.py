@@ -32,6 +32,7 @@ def smoke(path, tmp_path):
   shape = (4, 4, 2) if "movq" in path else (4, 4)
   with config.unlocked():
     config.tokens.dir = write_store(tmp_path / "tokens", shape)
+    config.eval.grid_images = 0  # no tokenizer here; tests/test_generation.py decodes grids
   return config
 
 
@@ -85,9 +86,9 @@ with config.unlocked():
 def one_step(devices, model_axis):
   with config.unlocked():
     config.mesh.model = model_axis
-  _, _, mesh, state, _, step, store = transformer.setup(config, devices)
-  batch = next(iter(transformer.token_dataset(config, store)))
-  state, metrics = step(state, partitioning.shard_batch(batch, mesh))
+  s = transformer.setup(config, devices)
+  batch = next(iter(transformer.token_dataset(config, s.store)))
+  state, metrics = s.train_step(s.state, partitioning.shard_batch(batch, s.mesh))
   return jax.device_get(nn.unbox(state.params)), jax.device_get(metrics), state
 p1, m1, _ = one_step(jax.devices()[:1], 1)
 p8, m8, s8 = one_step(jax.devices(), 2)

@@ -278,6 +278,7 @@ def transformer_config(kind: str) -> ml_collections.ConfigDict:
 
   c.tokens = ml_collections.ConfigDict()
   c.tokens.dir = ""  # a store written by --mode=tokenize (required)
+  c.tokens.val_dir = ""  # optional held-out store (tokenize.split=val): validation loss
 
   # The tokenizer that decodes samples (--mode=sample): its recipe and run directory.
   c.tokenizer = ml_collections.ConfigDict()
@@ -322,6 +323,24 @@ def transformer_config(kind: str) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 5000
   c.train.keep_checkpoints = 3
   c.train.max_consecutive_nonfinite = 10
+
+  # During training, every `every_steps` (and at the last step): loss and accuracy on
+  # tokens.val_dir, and a grid of `grid_images` samples decoded by config.tokenizer.
+  # --mode=eval: FID/KID of `num_samples` samples against the tokenizer data set's
+  # val-split Inception statistics (shared cache with the tokenizer's rFID).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 10_000  # 0 = only at the last step
+  c.eval.batch_size = 64
+  c.eval.max_examples = 10_000  # validation token maps per evaluation; 0 = all
+  c.eval.grid_images = 16  # 0 = no sample grids during training
+  c.eval.num_samples = 50_000  # --mode=eval
+  c.eval.reference_examples = 0  # val images in the reference statistics; 0 = the whole split
+  c.eval.fid_method = "sqrtm"
+  c.eval.kid_subsets = 100
+  c.eval.kid_subset_size = 1000
+  c.eval.precision_recall = False
+  c.eval.max_features = 50_000
+  c.eval.stats_cache_dir = ""
   return c
 
 
@@ -340,6 +359,12 @@ def transformer_smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.
   c.tokenizer.workdir = "runs/demo"
   c.sample.num_images = 8
   c.sample.batch_size = 8
+  c.eval.every_steps = 2
+  c.eval.batch_size = 8
+  c.eval.max_examples = 16
+  c.eval.grid_images = 4
+  c.eval.num_samples = 8
+  c.eval.reference_examples = 16
   return c
 
 
@@ -354,9 +379,14 @@ def validate_transformer_config(c: ml_collections.ConfigDict, num_devices: int,
     raise ConfigError("tokens.dir is empty: extract tokens with a tokenizer config and "
                       "--mode=tokenize, then pass --config.tokens.dir=<that folder>.")
   data_size = mesh_data_size(c, num_devices)
-  if c.train.batch_size % (data_size * process_count):
-    raise ConfigError(f"train.batch_size={c.train.batch_size} cannot be split over the mesh's "
-                      f"data axis of size {data_size} and {process_count} process(es).")
+  for name, value in (("train.batch_size", c.train.batch_size),
+                      ("eval.batch_size", c.eval.batch_size),
+                      ("sample.batch_size", c.sample.batch_size)):
+    if value % (data_size * process_count):
+      raise ConfigError(f"{name}={value} cannot be split over the mesh's data axis of size "
+                        f"{data_size} and {process_count} process(es).")
+  if c.eval.fid_method not in ("sqrtm", "eigh"):
+    raise ConfigError(f"eval.fid_method must be 'sqrtm' or 'eigh', not {c.eval.fid_method!r}.")
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:

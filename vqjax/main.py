@@ -5,8 +5,10 @@
   --mode=tokenize writes that checkpoint's token maps of config.tokenize.split
   to a token store (DIR/tokens_<split> unless config.tokenize.output_dir).
   Transformer configs: --mode=train, --mode=sample (images decoded by the
-  tokenizer named in config.tokenizer), or --mode=visualize (GPT only: the
-  teacher-forced [input | reconstruction | AR top-1] grid and its accuracy).
+  tokenizer named in config.tokenizer), --mode=eval (FID/KID of those samples
+  against the tokenizer data set's val split, and validation loss with
+  config.tokens.val_dir), or --mode=visualize (GPT only: the teacher-forced
+  [input | reconstruction | AR top-1] grid and its accuracy).
   Any config field can be overridden: --config.train.steps=50. Configs are
   locked, so a misspelt key stops here, before anything is built.
 """
@@ -42,7 +44,7 @@ def main(argv):
     raise app.UsageError(f"config.trainer={config.trainer!r} is not one this version runs "
                          "('tokenizer', 'transformer').")
   modes = {"tokenizer": ("train", "eval", "tokenize"),
-           "transformer": ("train", "sample", "visualize")}
+           "transformer": ("train", "eval", "sample", "visualize")}
   if _MODE.value not in modes[config.trainer]:
     raise app.UsageError(f"--mode={_MODE.value} does not apply to a {config.trainer} config; "
                          f"use one of {modes[config.trainer]}")
@@ -64,7 +66,10 @@ def main(argv):
     elif config.trainer == "transformer":
       from vqjax.train import transformer
 
-      transformer.train(config, _WORKDIR.value)
+      if _MODE.value == "eval":
+        transformer.evaluate(config, _WORKDIR.value)
+      else:
+        transformer.train(config, _WORKDIR.value)
     elif _MODE.value == "train":
       run.train_and_evaluate(config, _WORKDIR.value)
     elif _MODE.value == "tokenize":

@@ -123,10 +123,15 @@ def eval_batches(config, process_index: int = 0, process_count: int = 1, split: 
   else:
     examples = examples.batch(per_process, drop_remainder=False)
   for batch in examples:
-    n = batch["image"].shape[0]
-    pad = per_process - n
-    batch["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-    if pad:
-      batch["image"] = np.concatenate([batch["image"], np.repeat(batch["image"][-1:], pad, 0)])
-      batch["label"] = np.concatenate([batch["label"], np.repeat(batch["label"][-1:], pad, 0)])
-    yield batch
+    yield pad_batch(batch, per_process)
+
+
+def pad_batch(batch: dict, size: int) -> dict:
+  """Pad every array of a short batch to `size` rows by repeating its last row; adds `mask`
+  (1 = real example, 0 = padding) so a fixed-size batch splits over the mesh."""
+  n = len(next(iter(batch.values())))
+  pad = size - n
+  out = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v
+         for k, v in batch.items()}
+  out["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  return out

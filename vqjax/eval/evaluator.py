@@ -76,6 +76,19 @@ class ReferenceStats:
     return incf.stats_dict(self.building)
 
 
+def reference_stats(config, extractor: incf.InceptionExtractor, split: str) -> dict:
+  """A split's reference statistics under `config`: from the cache, or one pass (then cached)."""
+  ref = ReferenceStats(config, extractor, split)
+  if ref.building is not None:
+    total = config.eval.max_examples or None
+    with incf.progress_bar(total, f"reference {split}") as bar:
+      for batch in eval_batches(config, jax.process_index(), jax.process_count(), split=split):
+        images = partitioning.shard_batch({"x": batch["image"]}, extractor.mesh)["x"]
+        extractor.accumulate(ref.building, images, batch["mask"])
+        bar.update(int(batch["mask"].sum()))
+  return ref.finish()
+
+
 def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config, mesh,
                        inception: incf.InceptionExtractor | None = None
                        ) -> tuple[dict, np.ndarray | None]:

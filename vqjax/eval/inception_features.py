@@ -68,7 +68,8 @@ class InceptionExtractor:
   def gather(self, features: jax.Array, mask) -> np.ndarray:
     """Global features of the real (mask > 0) rows, on every host."""
     feats = np.asarray(multihost_utils.process_allgather(features, tiled=True))
-    if isinstance(mask, jax.Array):
+    if isinstance(mask, jax.Array) or jax.process_count() > 1:
+      # A host mask is this process's rows; the gathered features are all processes' rows.
       mask = multihost_utils.process_allgather(mask, tiled=True)
     return feats[np.asarray(mask) > 0]
 

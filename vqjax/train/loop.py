@@ -1,4 +1,9 @@
-"""Pieces every trainer's loop shares: stop signals, progress, non-finite guard, images."""
+"""The loop every trainer runs, and its pieces: stop signals, progress, non-finite guard, images.
+
+`TrainRun` owns a run directory (writer, checkpoint manager, resume) and the
+step loop; a trainer brings its jitted step, its data iterator and hooks
+(image grids, evaluations) that run after each step.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,18 @@ import os
 import signal
 import threading
 import time
+from typing import Callable, Iterable
 
+import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
+from clu import metric_writers, periodic_actions
 from PIL import Image
+
+from vqjax.train import checkpoint, partitioning
+
+# hook(step, state, host_batch, device_batch), called after every step.
+Hook = Callable[[int, object, dict, dict], None]
 
 
 class StopRequest:
@@ -119,3 +131,108 @@ def write_json(path: str, payload: dict) -> None:
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flat_dict(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def mean_metrics(history: list[dict]) -> dict[str, float]:
+  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+
+
+def every(n: int, total: int, fn: Callable[[int, object, dict, dict], None]) -> Hook:
+  """A hook that runs `fn` at multiples of `n` (0 = never) and at the last step."""
+  def hook(step, state, batch, device_batch):
+    if (n and step % n == 0) or step == total:
+      fn(step, state, batch, device_batch)
+  return hook
+
+
+class TrainRun:
+  """One run directory: metric writer, checkpoints, resume, and the training loop.
+
+  The loop (`run`) feeds `train_step(state, device_batch) -> (state, metrics)`
+  batches from a Grain iterator, guards against non-finite steps, logs mean
+  metrics every `train.log_every` steps, checkpoints state and iterator every
+  `train.checkpoint_every` steps, calls the hooks, and on any exit (end,
+  stop signal, error) saves the current step before closing.
+  """
+
+  def __init__(self, config, workdir: str):
+    os.makedirs(workdir, exist_ok=True)
+    self.config = config
+    self.workdir = workdir
+    self.is_main = jax.process_index() == 0
+    self.writer = make_writer(workdir, self.is_main)
+    self.manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
+
+  def resume(self, state, data_iter):
+    """The latest checkpoint's state (and iterator position), or `state` for a new run."""
+    latest = self.manager.latest_step()
+    if latest is not None:
+      state, data_state = checkpoint.restore(self.manager, latest, state)
+      data_iter.set_state(data_state)
+      print(f"resumed from checkpoint at step {latest} in {self.workdir}", flush=True)
+      return state
+    if self.is_main:
+      write_json(os.path.join(self.workdir, "config.json"), self.config.to_dict())
+    self.writer.write_hparams({k: str(v) for k, v in flat_dict(self.config.to_dict()).items()})
+    return state
+
+  def run(self, state, data_iter, train_step, mesh, hooks: Iterable[Hook] = (),
+          scalars: Callable[[], dict] | None = None, stop: StopRequest | None = None,
+          after_step: Callable[[int], None] | None = None):
+    """Steps until `train.steps` (or a stop request); returns the final state.
+
+    `scalars()` adds host values to each log line; `after_step(step)` is a
+    caller's hook (tests use it to stop or break a run at a chosen step).
+    """
+    config = self.config
+    total = config.train.steps
+    step = int(state.step)
+    stop = (stop if stop is not None else StopRequest()).install()
+    guard = NonFiniteGuard(config.train.max_consecutive_nonfinite)
+    progress = ProgressLine(total, step)
+    report = periodic_actions.ReportProgress(num_train_steps=total, writer=self.writer,
+                                             every_steps=config.train.log_every)
+    history = []
+    try:
+      while step < total and not stop:
+        batch = next(data_iter)
+        device_batch = partitioning.shard_batch(batch, mesh)
+        state, metrics = train_step(state, device_batch)
+        step += 1
+        metrics = jax.device_get(metrics)
+        guard.update(step, metrics)
+        history.append(metrics)
+        report(step)
+        if step % config.train.log_every == 0 or step == total:
+          logged = {**mean_metrics(history), **(scalars() if scalars else {}),
+                    "nonfinite_total": guard.total}
+          self.writer.write_scalars(step, logged)
+          progress(step, logged["loss/total"])
+          history = []
+        if step % config.train.checkpoint_every == 0:
+          checkpoint.save(self.manager, step, state, data_iter.get_state())
+        for hook in hooks:
+          hook(step, state, batch, device_batch)
+        if after_step is not None:
+          after_step(step)
+    finally:
+      if self.manager.latest_step() != step:
+        checkpoint.save(self.manager, step, state, data_iter.get_state(), force=True)
+      self.manager.wait_until_finished()
+      self.manager.close()
+      self.writer.flush()
+      stop.uninstall()
+    if stop:
+      print(f"stopped at step {step}; checkpoint saved in {self.workdir}/checkpoints", flush=True)
+    return state

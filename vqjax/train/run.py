@@ -16,15 +16,7 @@ from vqjax.data.pipeline import train_dataset
 from vqjax.eval.evaluator import IS_UNAVAILABLE, evaluate_tokenizer, write_eval
 from vqjax.eval.inception_features import InceptionExtractor
 from vqjax.train import checkpoint, partitioning
-from vqjax.train.loop import (
-  NonFiniteGuard,
-  ProgressLine,
-  StopRequest,
-  image_grid,
-  make_writer,
-  write_images,
-  write_json,
-)
+from vqjax.train.loop import StopRequest, TrainRun, every, image_grid, make_writer, write_images
 from vqjax.train.tokenizer import build_models, init_state, make_eval_step, make_train_step
 from vqjax.weights.lpips_vgg16 import load_lpips_params
 
@@ -77,10 +69,6 @@ def setup(config, devices=None) -> Setup:
                inception)
 
 
-def _mean_metrics(history: list[dict]) -> dict[str, float]:
-  return {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-
-
 def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
                        after_step: Callable[[int], None] | None = None):
   """Train (resuming from the latest checkpoint in `workdir`) and evaluate periodically.
@@ -89,24 +77,12 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
   early; `after_step(step)` is called on the host after each step.
   Returns the final state.
   """
-  os.makedirs(workdir, exist_ok=True)
   s = setup(config)
-  is_main = jax.process_index() == 0
-  writer = make_writer(workdir, is_main)
-  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
+  r = TrainRun(config, workdir)
   dataset, preprocess = train_dataset(config, jax.process_index(), jax.process_count())
   data_iter = iter(dataset)
-  state = s.state
-  latest = manager.latest_step()
-  if latest is not None:
-    state, data_state = checkpoint.restore(manager, latest, state)
-    data_iter.set_state(data_state)
-    print(f"resumed from checkpoint at step {latest} in {workdir}", flush=True)
-  else:
-    if is_main:
-      write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    writer.write_hparams({k: str(v) for k, v in _flat(config.to_dict()).items()})
-  if is_main:
+  state = r.resume(s.state, data_iter)
+  if r.is_main:
     with open(os.path.join(workdir, "parameters.txt"), "w") as f:
       f.write(parameter_overview.get_parameter_overview(state.params) + "\n")
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -115,61 +91,31 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
         f"{dict(s.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
         f"per-parameter table in {workdir}/parameters.txt",
         flush=True)
-
   total = config.train.steps
-  step = int(state.step)
-  stop = (stop if stop is not None else StopRequest()).install()
-  guard = NonFiniteGuard(config.train.max_consecutive_nonfinite)
-  progress = ProgressLine(total, step)
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                           every_steps=config.train.log_every)
-  history = []
-  if step == 0 and config.eval.at_start:
-    write_eval(writer, workdir, 0, *s.evaluate(state), notes=s.notes)
+  if int(state.step) == 0 and config.eval.at_start:
+    write_eval(r.writer, workdir, 0, *s.evaluate(state), notes=s.notes)
+
+  def reconstructions(step, state, batch, device_batch):
+    x_hat, _ = s.models.vqgan.apply(
+        {"params": state.params, **({"vq_stats": state.vq_stats} if state.vq_stats else {})},
+        device_batch["image"])
+    write_images(r.writer, workdir, step, "reconstructions",
+                 image_grid([batch["image"], np.asarray(jax.device_get(x_hat))]))
+
   current = {}
   periodic_eval = periodic_actions.PeriodicCallback(
       every_steps=config.eval.every_steps, on_steps=[total], pass_step_and_time=True,
-      callback_fn=lambda step, t: write_eval(writer, workdir, step, *s.evaluate(current["state"]),
-                                             notes=s.notes))
-  try:
-    while step < total and not stop:
-      batch = next(data_iter)
-      device_batch = partitioning.shard_batch(batch, s.mesh)
-      state, metrics = s.train_step(state, device_batch, s.lpips_params)
-      step += 1
-      metrics = jax.device_get(metrics)
-      guard.update(step, metrics)
-      history.append(metrics)
-      report(step)
-      if step % config.train.log_every == 0 or step == total:
-        scalars = _mean_metrics(history)
-        scalars["data/corrupt_images"] = preprocess.num_corrupt
-        scalars["nonfinite_total"] = guard.total
-        writer.write_scalars(step, scalars)
-        progress(step, scalars["loss/total"])
-        history = []
-      if step % config.train.image_every == 0 or step == total:
-        x_hat, _ = s.models.vqgan.apply(
-            {"params": state.params, **({"vq_stats": state.vq_stats} if state.vq_stats else {})},
-            device_batch["image"])
-        write_images(writer, workdir, step, "reconstructions",
-                     image_grid([batch["image"], np.asarray(jax.device_get(x_hat))]))
-      if step % config.train.checkpoint_every == 0:
-        checkpoint.save(manager, step, state, data_iter.get_state())
-      current["state"] = state
-      periodic_eval(step)
-      if after_step is not None:
-        after_step(step)
-  finally:
-    if manager.latest_step() != step:
-      checkpoint.save(manager, step, state, data_iter.get_state(), force=True)
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
-    stop.uninstall()
-  if stop:
-    print(f"stopped at step {step}; checkpoint saved in {workdir}/checkpoints", flush=True)
-  return state
+      callback_fn=lambda step, t: write_eval(r.writer, workdir, step,
+                                             *s.evaluate(current["state"]), notes=s.notes))
+
+  def evaluation(step, state, batch, device_batch):
+    current["state"] = state
+    periodic_eval(step)
+
+  return r.run(state, data_iter, lambda st, b: s.train_step(st, b, s.lpips_params), s.mesh,
+               hooks=[every(config.train.image_every, total, reconstructions), evaluation],
+               scalars=lambda: {"data/corrupt_images": preprocess.num_corrupt},
+               stop=stop, after_step=after_step)
 
 
 def restore_for_eval(config, workdir: str, s: Setup):
@@ -198,12 +144,3 @@ def evaluate(config, workdir: str) -> dict:
   writer.flush()
   return metrics
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out

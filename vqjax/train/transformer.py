@@ -9,8 +9,9 @@ run continues exactly.
 
 from __future__ import annotations
 
-import os
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -19,15 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from clu import periodic_actions
 
 from vqjax.config_lib import ConfigError, validate_transformer_config
-from vqjax.data.tokens import TokenStore
+from vqjax.data.pipeline import pad_batch
+from vqjax.data.tokens import TokenStore, TokenStoreError
 from vqjax.nn.transformers import GPT, MaskGITTransformer
-from vqjax.ops.losses import masked_token_loss, next_token_loss
+from vqjax.ops.losses import masked_token_loss, next_token_loss, smoothed_cross_entropy
 from vqjax.sampling.maskgit import training_mask
-from vqjax.train import checkpoint, partitioning
-from vqjax.train.loop import NonFiniteGuard, ProgressLine, StopRequest, make_writer, write_json
+from vqjax.train import partitioning
+from vqjax.train.loop import Hook, StopRequest, TrainRun, every, make_writer, write_images
 
 
 @flax.struct.dataclass
@@ -116,6 +117,32 @@ def make_train_step(model, tx, config):
   return train_step
 
 
+def make_eval_step(model, config):
+  """Sums of token NLL (no smoothing), correct top-1 and counted tokens over a padded batch.
+
+  MaskGIT counts the tokens masked by `training_mask(rng)` (a fixed rng per batch keeps the
+  masks, and so the numbers, comparable across evaluations); the GPT counts every position.
+  """
+  def eval_step(params, batch, rng):
+    tokens = _flat_tokens(batch["tokens"])
+    valid = batch["mask"].reshape((-1,) + (1,) * (tokens.ndim - 1)) * jnp.ones(tokens.shape)
+    conditional = config.model.num_classes > 0
+    labels = batch["label"] if conditional else jnp.zeros_like(batch["label"])
+    if config.model.kind == "maskgit":
+      mask = training_mask(rng, tokens.shape)
+      logits = model.apply({"params": params}, jnp.where(mask, model.mask_id, tokens),
+                           labels if conditional else None)
+      valid = valid * mask
+    else:
+      logits = model.apply({"params": params}, tokens, labels)
+    nll = smoothed_cross_entropy(logits, tokens, 0.0)
+    correct = (jnp.argmax(logits, -1) == tokens).astype(jnp.float32)
+    return {"nll": jnp.sum(nll * valid), "correct": jnp.sum(correct * valid),
+            "count": jnp.sum(valid)}
+
+  return eval_step
+
+
 def token_dataset(config, store: TokenStore, process_index: int = 0, process_count: int = 1):
   per_process = config.train.batch_size // process_count
   ds = grain.MapDataset.source(store)[process_index::process_count]
@@ -123,8 +150,50 @@ def token_dataset(config, store: TokenStore, process_index: int = 0, process_cou
   return ds.to_iter_dataset().batch(per_process, drop_remainder=True)
 
 
-def setup(config, devices=None):
-  """(model, tx, mesh, state, shardings, jitted train step, store)."""
+def val_batches(config, store: TokenStore, process_index: int = 0, process_count: int = 1):
+  """One ordered pass over (the first eval.max_examples of) a store, in padded batches."""
+  per_process = config.eval.batch_size // process_count
+  ds = grain.MapDataset.source(store)[process_index::process_count]
+  if config.eval.max_examples:
+    ds = ds[: config.eval.max_examples // process_count]
+  for batch in ds.to_iter_dataset().batch(per_process, drop_remainder=False):
+    yield pad_batch(batch, per_process)
+
+
+@dataclass
+class Setup:
+  """A transformer run's model, mesh, initial state and jitted steps, built from the config."""
+  config: Any
+  model: nn.Module
+  mesh: Any
+  state: TransformerState
+  shardings: Any
+  train_step: Callable
+  eval_step: Callable
+  store: TokenStore
+
+  def validate(self, params) -> dict[str, float]:
+    """Loss and top-1 accuracy on `tokens.val_dir` ({} when it is not set)."""
+    if not self.config.tokens.val_dir:
+      return {}
+    store = TokenStore(self.config.tokens.val_dir)
+    if store.token_shape != self.store.token_shape:
+      raise TokenStoreError(f"tokens.val_dir holds {store.token_shape} tokens, tokens.dir "
+                            f"{self.store.token_shape}: extract both with the same tokenizer")
+    totals = None
+    for i, batch in enumerate(val_batches(self.config, store, jax.process_index(),
+                                          jax.process_count())):
+      sums = self.eval_step(params, partitioning.shard_batch(batch, self.mesh),
+                            jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), i))
+      sums = jax.device_get(sums)
+      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    count = max(float(totals["count"]), 1.0)
+    return {"val/loss": float(totals["nll"]) / count,
+            "val/accuracy": float(totals["correct"]) / count}
+
+
+def setup(config, devices=None) -> Setup:
+  """Model, mesh, initial state (sharded by logical axes) and jitted train/eval steps."""
   devices = list(devices if devices is not None else jax.devices())
   validate_transformer_config(config, len(devices), jax.process_count())
   store = TokenStore(config.tokens.dir)
@@ -154,62 +223,96 @@ def setup(config, devices=None):
   shardings = partitioning.logical_shardings(mesh, abstract, config.mesh.rules)
   state = jax.jit(init, out_shardings=shardings)(rng)
   rep = partitioning.replicated(mesh)
-  step = jax.jit(make_train_step(model, tx, config),
-                 in_shardings=(shardings, partitioning.batch_sharding(mesh)),
-                 out_shardings=(shardings, rep), donate_argnums=0)
-  return model, tx, mesh, state, shardings, step, store
+  batch_sh = partitioning.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(model, tx, config), in_shardings=(shardings, batch_sh),
+                       out_shardings=(shardings, rep), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(model, config),
+                      in_shardings=(shardings.params, batch_sh, rep), out_shardings=rep)
+  return Setup(config, model, mesh, state, shardings, train_step, eval_step, store)
+
+
+def _sample_grid_hook(s: Setup, writer, workdir: str) -> Hook | None:
+  """Writes a grid of eval.grid_images samples, if a tokenizer to decode them is configured."""
+  from vqjax.train.sample import ImageSampler, restore_tokenizer, square_grid, to_uint8
+
+  config = s.config
+  if not config.eval.grid_images:
+    return None
+  if not (config.tokenizer.config and config.tokenizer.workdir):
+    print("sample grids off: config.tokenizer.config/workdir are not set", flush=True)
+    return None
+  tok, _, variables = restore_tokenizer(config)
+  sampler = ImageSampler(s.model, config, s.store, tok, variables)
+  n = config.eval.grid_images
+
+  def hook(step, state, batch, device_batch):
+    (images, _, _, _), = sampler.batches(nn.unbox(state.params), n, n, config.seed)
+    write_images(writer, workdir, step, "samples", square_grid(to_uint8(images)))
+
+  return hook
 
 
 def train(config, workdir: str, stop: StopRequest | None = None,
           after_step=None) -> TransformerState:
-  """Train (resuming from the latest checkpoint in `workdir`); returns the final state."""
-  os.makedirs(workdir, exist_ok=True)
-  model, _, mesh, state, _, train_step, store = setup(config)
-  is_main = jax.process_index() == 0
-  writer = make_writer(workdir, is_main)
-  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
-  data_iter = iter(token_dataset(config, store, jax.process_index(), jax.process_count()))
-  latest = manager.latest_step()
-  if latest is not None:
-    state, data_state = checkpoint.restore(manager, latest, state)
-    data_iter.set_state(data_state)
-    print(f"resumed from checkpoint at step {latest} in {workdir}", flush=True)
-  elif is_main:
-    write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  """Train (resuming from the latest checkpoint in `workdir`); returns the final state.
+
+  Every `eval.every_steps` and at the last step: validation loss/accuracy (with
+  `tokens.val_dir`) and a sample grid (with `config.tokenizer`).
+  """
+  s = setup(config)
+  r = TrainRun(config, workdir)
+  data_iter = iter(token_dataset(config, s.store, jax.process_index(), jax.process_count()))
+  state = r.resume(s.state, data_iter)
   n_params = sum(x.size for x in jax.tree.leaves(nn.unbox(state.params)))
-  print(f"{type(model).__name__} {n_params:,} parameters over {len(store):,} token maps of "
-        f"shape {store.token_shape}; mesh {dict(mesh.shape)}", flush=True)
+  print(f"{type(s.model).__name__} {n_params:,} parameters over {len(s.store):,} token maps of "
+        f"shape {s.store.token_shape}; mesh {dict(s.mesh.shape)}", flush=True)
   total = config.train.steps
-  step = int(state.step)
-  stop = (stop if stop is not None else StopRequest()).install()
-  guard = NonFiniteGuard(config.train.max_consecutive_nonfinite)
-  progress = ProgressLine(total, step)
-  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                           every_steps=config.train.log_every)
-  history = []
-  try:
-    while step < total and not stop:
-      batch = partitioning.shard_batch(next(data_iter), mesh)
-      state, metrics = train_step(state, batch)
-      step += 1
-      metrics = jax.device_get(metrics)
-      guard.update(step, metrics)
-      history.append(metrics)
-      report(step)
-      if step % config.train.log_every == 0 or step == total:
-        scalars = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
-        writer.write_scalars(step, scalars)
-        progress(step, scalars["loss/total"])
-        history = []
-      if step % config.train.checkpoint_every == 0:
-        checkpoint.save(manager, step, state, data_iter.get_state())
-      if after_step is not None:
-        after_step(step)
-  finally:
-    if manager.latest_step() != step:
-      checkpoint.save(manager, step, state, data_iter.get_state(), force=True)
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
-    stop.uninstall()
-  return state
+  grid = _sample_grid_hook(s, r.writer, workdir)
+
+  def evaluation(step, state, batch, device_batch):
+    metrics = s.validate(state.params)
+    if metrics:
+      r.writer.write_scalars(step, metrics)
+      print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+            flush=True)
+    if grid is not None:
+      grid(step, state, batch, device_batch)
+
+  return r.run(state, data_iter, s.train_step, s.mesh,
+               hooks=[every(config.eval.every_steps, total, evaluation)], stop=stop,
+               after_step=after_step)
+
+
+def evaluate(config, workdir: str) -> dict:
+  """--mode=eval: FID/KID of eval.num_samples samples, and validation loss with tokens.val_dir.
+
+  The samples are those --mode=sample draws (same seed and batches), quantised to uint8 as
+  their files are. The reference is the val split of the tokenizer's data set (its Inception
+  statistics are cached, and shared with the tokenizer's rFID when the settings agree).
+  """
+  from vqjax.eval.evaluator import reference_stats, sample_metrics, write_eval
+  from vqjax.eval.inception_features import InceptionExtractor, to_model_range
+  from vqjax.train.sample import ImageSampler, restore_models, to_uint8
+
+  m = restore_models(config, workdir)
+  ref_config = m.tok_config.copy_and_resolve_references()
+  with ref_config.unlocked():
+    ref_config.eval.max_examples = config.eval.reference_examples
+    ref_config.eval.max_features = config.eval.max_features
+    ref_config.eval.stats_cache_dir = config.eval.stats_cache_dir
+  inception = InceptionExtractor(m.setup.mesh)
+  reference = reference_stats(ref_config, inception, ref_config.data.val_split)
+  sampler = ImageSampler(m.setup.model, config, m.setup.store, m.tok, m.variables)
+  n, bs = config.eval.num_samples, config.sample.batch_size
+  # The images --mode=sample writes (same seed and batches), scored as the uint8 files are.
+  batches = ({"image": to_model_range(to_uint8(images)),
+              "mask": (np.arange(bs) < valid).astype(np.float32)}
+             for images, _, _, valid in sampler.batches(m.params, n, bs, config.seed))
+  start = time.time()
+  metrics = sample_metrics(batches, reference, config, inception, total=n)
+  metrics.update(m.setup.validate(m.state.params))
+  metrics["seconds"] = round(time.time() - start, 2)
+  writer = make_writer(workdir, jax.process_index() == 0)
+  write_eval(writer, workdir, m.step, metrics, None)
+  writer.flush()
+  return metrics

@@ -28,7 +28,9 @@ def visualize(config, workdir: str, num_images: int = 8) -> dict:
   if config.model.kind != "gpt":
     raise ConfigError("--mode=visualize needs a causal model (model.kind='gpt'): teacher "
                       "forcing predicts each token from the true tokens before it")
-  model, params, step, store, tok, tok_config, variables = restore_models(config, workdir)
+  m = restore_models(config, workdir)
+  model, params, step, store = m.setup.model, m.params, m.step, m.setup.store
+  tok, tok_config, variables = m.tok, m.tok_config, m.variables
   batch = next(eval_batches(tok_config, batch_size=num_images, max_examples=num_images))
   n = int(batch["mask"].sum())
   images = batch["image"][:n]
