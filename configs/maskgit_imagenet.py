@@ -5,7 +5,9 @@
 
 `smoke`: a tiny model on the demo tokenizer's tokens (`make demo` writes
 runs/demo/tokens_train), a few CPU steps. `demo`: the small MaskGIT that
-`make demo` trains on those tokens (a couple of minutes on 2 CPU cores).
+`make demo` trains on those tokens (a couple of minutes on 2 CPU cores), with
+validation loss on runs/demo/tokens_validation and sample grids every 200
+steps, and a 16-sample FID/KID in --mode=eval.
 """
 
 from vqjax import config_lib
@@ -30,6 +32,12 @@ def get_config(arg=None):
     c.train.checkpoint_every = 200
     c.sample.num_images = 16
     c.sample.batch_size = 16
+    c.eval.every_steps = 200
+    c.eval.batch_size = 16
+    c.eval.max_examples = 0
+    c.eval.grid_images = 16
+    c.eval.num_samples = 16
+    c.eval.reference_examples = 32  # as the demo tokenizer's rFID: its cached statistics
   elif arg not in (None, "", "smoke"):
     raise ValueError(f"unknown variant {arg!r} for maskgit_imagenet.py; use '', smoke or demo")
   c.lock()

@@ -27,3 +27,9 @@ def test_make_demo_improves_reconstructions(tmp_path):
   samples = np.load(workdir / "maskgit" / "samples" / "samples_400.npz")
   assert samples["images"].shape == (16, 64, 64, 3)
   assert os.path.exists(workdir / "maskgit" / "samples" / "samples_400.png")
+  assert os.path.exists(workdir / "maskgit" / "images" / "samples_0000200.png")
+  # --mode=eval: FID/KID of those 16 samples and the validation loss of the trained model,
+  # below the chance level log(K) of the demo's K = 256 codes.
+  report = json.load(open(workdir / "maskgit" / "eval_400.json"))
+  assert report["num_samples"] == 16 and np.isfinite(report["fid"]) and report["fid"] > 0
+  assert report["val/loss"] < np.log(256)

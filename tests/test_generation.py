@@ -1,6 +1,6 @@
 """Tokenizer -> token store -> transformer -> samples, on one small trained demo tokenizer.
 
-The tokenizer is trained and its tokens extracted once per module (`pipeline` group, so
+The tokenizer is trained and its tokens extracted once per session (`pipeline` group, so
 pytest-xdist keeps these tests on one worker); each test checks one stage against values
 computed here independently.
 """
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.xdist_group("pipeline")
 TOKENIZER = "configs/demo.py:smoke"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
   """(config, workdir, run.Setup, restored state, train store, val store) of a 4-step tokenizer."""
   from vqjax.train.run import restore_for_eval, setup, train_and_evaluate
@@ -90,7 +90,7 @@ def test_token_store_holds_the_encoder_indices_and_resumes(tokenizer, tmp_path):
       np.stack([resumed[i]["tokens"] for i in range(len(resumed))]), saved)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def maskgit_run(tokenizer):
   """A 2-step MaskGIT with validation and sample grids at every step."""
   from vqjax.train import transformer

@@ -73,6 +73,29 @@ def test_missing_token_store_says_to_tokenize(tmp_path):
     transformer.train(config, str(tmp_path / "run"))
 
 
+def test_val_store_from_another_tokenizer_is_refused_before_training(tmp_path):
+  from vqjax.data.tokens import TokenStoreError
+
+  config = smoke("configs/maskgit_imagenet.py", tmp_path)
+  with config.unlocked():
+    config.tokens.val_dir = write_store(tmp_path / "val", (8, 8))
+  with pytest.raises(TokenStoreError, match=r"\(8, 8\) tokens.*same tokenizer"):
+    transformer.train(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_missing_tokenizer_run_is_named_before_training(tmp_path):
+  config = smoke("configs/maskgit_imagenet.py", tmp_path)
+  with config.unlocked():
+    config.eval.grid_images = 4  # grids need the tokenizer
+    config.tokenizer.config = os.path.join(ROOT, "configs/demo.py:smoke")
+    config.tokenizer.workdir = str(tmp_path / "no_tokenizer")
+  with pytest.raises(FileNotFoundError, match="no tokenizer checkpoint in .*no_tokenizer"):
+    transformer.train(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+  assert not os.path.exists(tmp_path / "no_tokenizer")
+
+
 _SHARDED = r"""
 import sys, numpy as np, jax, flax.linen as nn
 sys.path.insert(0, {root!r})

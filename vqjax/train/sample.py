@@ -26,7 +26,15 @@ from vqjax.sampling import maskgit
 from vqjax.train import checkpoint, transformer
 
 
+def _require_checkpoints(workdir: str, what: str) -> None:
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder) or not any(name.isdigit() for name in os.listdir(folder)):
+    raise FileNotFoundError(f"no {what} checkpoint in {folder}: train it first, or point the "
+                            "config at its run directory")
+
+
 def _restore_latest(workdir: str, template, what: str):
+  _require_checkpoints(workdir, what)
   manager = checkpoint.make_manager(workdir, 1, async_save=False)
   step = manager.latest_step()
   if step is None:
@@ -44,6 +52,7 @@ def restore_tokenizer(config):
   if not config.tokenizer.config or not config.tokenizer.workdir:
     raise ConfigError("set config.tokenizer.config (the tokenizer recipe) and "
                       "config.tokenizer.workdir (its run directory) to decode tokens")
+  _require_checkpoints(config.tokenizer.workdir, "tokenizer")  # before building anything
   tok_config = load_config_file(config.tokenizer.config).copy_and_resolve_references()
   with tok_config.unlocked():
     tok_config.eval.fid = False

@@ -28,7 +28,7 @@ from vqjax.nn.transformers import GPT, MaskGITTransformer
 from vqjax.ops.losses import masked_token_loss, next_token_loss, smoothed_cross_entropy
 from vqjax.sampling.maskgit import training_mask
 from vqjax.train import partitioning
-from vqjax.train.loop import Hook, StopRequest, TrainRun, every, make_writer, write_images
+from vqjax.train.loop import StopRequest, TrainRun, every, make_writer, write_images
 
 
 @flax.struct.dataclass
@@ -171,17 +171,14 @@ class Setup:
   train_step: Callable
   eval_step: Callable
   store: TokenStore
+  val_store: TokenStore | None
 
   def validate(self, params) -> dict[str, float]:
     """Loss and top-1 accuracy on `tokens.val_dir` ({} when it is not set)."""
-    if not self.config.tokens.val_dir:
+    if self.val_store is None:
       return {}
-    store = TokenStore(self.config.tokens.val_dir)
-    if store.token_shape != self.store.token_shape:
-      raise TokenStoreError(f"tokens.val_dir holds {store.token_shape} tokens, tokens.dir "
-                            f"{self.store.token_shape}: extract both with the same tokenizer")
     totals = None
-    for i, batch in enumerate(val_batches(self.config, store, jax.process_index(),
+    for i, batch in enumerate(val_batches(self.config, self.val_store, jax.process_index(),
                                           jax.process_count())):
       sums = self.eval_step(params, partitioning.shard_batch(batch, self.mesh),
                             jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), i))
@@ -201,6 +198,13 @@ def setup(config, devices=None) -> Setup:
     raise ConfigError(f"the token store has labels up to {store.max_label()}, but "
                       f"model.num_classes={config.model.num_classes}: raise it, or set 0 for "
                       "an unconditional model")
+  val_store = TokenStore(config.tokens.val_dir) if config.tokens.val_dir else None
+  if val_store is not None and (val_store.token_shape, val_store.codebook_size) != (
+      store.token_shape, store.codebook_size):
+    raise TokenStoreError(
+        f"tokens.val_dir holds {val_store.token_shape} tokens over {val_store.codebook_size} "
+        f"codes, tokens.dir {store.token_shape} over {store.codebook_size}: extract both with "
+        "the same tokenizer")
   model = build_model(config, store.token_shape, store.codebook_size)
   tx = make_optimizer(config)
   mesh = partitioning.make_mesh(config, devices)
@@ -228,11 +232,11 @@ def setup(config, devices=None) -> Setup:
                        out_shardings=(shardings, rep), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model, config),
                       in_shardings=(shardings.params, batch_sh, rep), out_shardings=rep)
-  return Setup(config, model, mesh, state, shardings, train_step, eval_step, store)
+  return Setup(config, model, mesh, state, shardings, train_step, eval_step, store, val_store)
 
 
-def _sample_grid_hook(s: Setup, writer, workdir: str) -> Hook | None:
-  """Writes a grid of eval.grid_images samples, if a tokenizer to decode them is configured."""
+def _sample_grid(s: Setup) -> Callable | None:
+  """params -> uint8 grid of eval.grid_images samples, when a tokenizer to decode them is set."""
   from vqjax.train.sample import ImageSampler, restore_tokenizer, square_grid, to_uint8
 
   config = s.config
@@ -245,11 +249,11 @@ def _sample_grid_hook(s: Setup, writer, workdir: str) -> Hook | None:
   sampler = ImageSampler(s.model, config, s.store, tok, variables)
   n = config.eval.grid_images
 
-  def hook(step, state, batch, device_batch):
-    (images, _, _, _), = sampler.batches(nn.unbox(state.params), n, n, config.seed)
-    write_images(writer, workdir, step, "samples", square_grid(to_uint8(images)))
+  def draw(params):
+    (images, _, _, _), = sampler.batches(nn.unbox(params), n, n, config.seed)
+    return square_grid(to_uint8(images))
 
-  return hook
+  return draw
 
 
 def train(config, workdir: str, stop: StopRequest | None = None,
@@ -260,6 +264,7 @@ def train(config, workdir: str, stop: StopRequest | None = None,
   `tokens.val_dir`) and a sample grid (with `config.tokenizer`).
   """
   s = setup(config)
+  grid = _sample_grid(s)  # restores the tokenizer: a missing one stops here, before the run
   r = TrainRun(config, workdir)
   data_iter = iter(token_dataset(config, s.store, jax.process_index(), jax.process_count()))
   state = r.resume(s.state, data_iter)
@@ -267,7 +272,6 @@ def train(config, workdir: str, stop: StopRequest | None = None,
   print(f"{type(s.model).__name__} {n_params:,} parameters over {len(s.store):,} token maps of "
         f"shape {s.store.token_shape}; mesh {dict(s.mesh.shape)}", flush=True)
   total = config.train.steps
-  grid = _sample_grid_hook(s, r.writer, workdir)
 
   def evaluation(step, state, batch, device_batch):
     metrics = s.validate(state.params)
@@ -276,7 +280,7 @@ def train(config, workdir: str, stop: StopRequest | None = None,
       print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
             flush=True)
     if grid is not None:
-      grid(step, state, batch, device_batch)
+      write_images(r.writer, workdir, step, "samples", grid(state.params))
 
   return r.run(state, data_iter, s.train_step, s.mesh,
                hooks=[every(config.eval.every_steps, total, evaluation)], stop=stop,
