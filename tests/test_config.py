@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
-from vqjax.config_lib import ConfigError, validate_tokenizer_config
+from tests.conftest import ROOT, load_config
+from vqjax.config_lib import ConfigError, validate_tokenizer_config, validate_transformer_config
 
 
 def test_image_size_the_encoder_cannot_divide(smoke_config):
@@ -28,6 +28,26 @@ def test_batch_the_mesh_cannot_split(smoke_config):
     smoke_config.mesh.model = 3
   with pytest.raises(ConfigError, match="mesh.model=3"):
     validate_tokenizer_config(smoke_config, num_devices=4)
+
+
+@pytest.mark.parametrize("spec", ["configs/demo.py:smoke", "configs/maskgit_imagenet.py:smoke"])
+def test_unknown_fid_method_is_refused(spec):
+  config = load_config(spec)
+  validate = (validate_tokenizer_config if config.trainer == "tokenizer"
+              else validate_transformer_config)
+  validate(config, num_devices=1)
+  with config.unlocked():
+    config.eval.fid_method = "svd"
+  with pytest.raises(ConfigError, match="fid_method must be 'sqrtm' or 'eigh', not 'svd'"):
+    validate(config, num_devices=1)
+
+
+def test_transformer_sample_batch_the_mesh_cannot_split():
+  config = load_config("configs/maskgit_imagenet.py:smoke")
+  with config.unlocked():
+    config.sample.batch_size = 6
+  with pytest.raises(ConfigError, match="sample.batch_size=6"):
+    validate_transformer_config(config, num_devices=4)
 
 
 def test_norm_groups_must_divide_widths(smoke_config):

@@ -10,6 +10,21 @@ from __future__ import annotations
 import ml_collections
 
 
+def _fid_settings(e: ml_collections.ConfigDict) -> None:
+  """The FID/KID fields both kinds of recipe share (see vqjax/eval/evaluator.py)."""
+  e.fid_method = "sqrtm"  # 'sqrtm' (SciPy, float64) | 'eigh' (same value, ~6x faster)
+  e.kid_subsets = 100
+  e.kid_subset_size = 1000
+  e.precision_recall = False  # k-NN (k=3) manifold precision/recall
+  e.max_features = 50_000  # raw features kept per set for KID and precision/recall
+  e.stats_cache_dir = ""  # '' = $VQJAX_CACHE_DIR or ~/.cache/vqjax/fid_stats
+
+
+def _validate_fid(e: ml_collections.ConfigDict) -> None:
+  if e.fid_method not in ("sqrtm", "eigh"):
+    raise ConfigError(f"eval.fid_method must be 'sqrtm' or 'eigh', not {e.fid_method!r}.")
+
+
 def tokenizer_config() -> ml_collections.ConfigDict:
   """The VQGAN baseline at SPEC section 1 sizes (256px, f16, K=1024, d=256)."""
   c = ml_collections.ConfigDict()
@@ -83,12 +98,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.eval.checkpoint_step = -1  # --mode=eval: -1 = latest
   # Inception metrics (rFID/KID against the val split's cached statistics).
   c.eval.fid = True
-  c.eval.fid_method = "sqrtm"  # 'sqrtm' (SciPy, float64) | 'eigh' (same value, ~6x faster)
-  c.eval.kid_subsets = 100
-  c.eval.kid_subset_size = 1000
-  c.eval.precision_recall = False  # k-NN (k=3) manifold precision/recall
-  c.eval.max_features = 50_000  # raw features kept per set for KID and precision/recall
-  c.eval.stats_cache_dir = ""  # '' = $VQJAX_CACHE_DIR or ~/.cache/vqjax/fid_stats
+  _fid_settings(c.eval)
 
   # --mode=tokenize: indices of a split for the transformer trainers.
   c.tokenize = ml_collections.ConfigDict()
@@ -211,8 +221,7 @@ def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
       raise ConfigError(
           f"{name}={batch} cannot be split over the mesh's data axis of size {data_size} "
           f"and {process_count} process(es): use a multiple of {data_size * process_count}.")
-  if c.eval.fid_method not in ("sqrtm", "eigh"):
-    raise ConfigError(f"eval.fid_method must be 'sqrtm' or 'eigh', not {c.eval.fid_method!r}.")
+  _validate_fid(c.eval)
   if c.mesh.param_sharding not in ("replicate", "channels"):
     raise ConfigError(f"mesh.param_sharding must be 'replicate' or 'channels', "
                       f"not {c.mesh.param_sharding!r}.")
@@ -335,12 +344,7 @@ def transformer_config(kind: str) -> ml_collections.ConfigDict:
   c.eval.grid_images = 16  # 0 = no sample grids during training
   c.eval.num_samples = 50_000  # --mode=eval
   c.eval.reference_examples = 0  # val images in the reference statistics; 0 = the whole split
-  c.eval.fid_method = "sqrtm"
-  c.eval.kid_subsets = 100
-  c.eval.kid_subset_size = 1000
-  c.eval.precision_recall = False
-  c.eval.max_features = 50_000
-  c.eval.stats_cache_dir = ""
+  _fid_settings(c.eval)
   return c
 
 
@@ -385,8 +389,7 @@ def validate_transformer_config(c: ml_collections.ConfigDict, num_devices: int,
     if value % (data_size * process_count):
       raise ConfigError(f"{name}={value} cannot be split over the mesh's data axis of size "
                         f"{data_size} and {process_count} process(es).")
-  if c.eval.fid_method not in ("sqrtm", "eigh"):
-    raise ConfigError(f"eval.fid_method must be 'sqrtm' or 'eigh', not {c.eval.fid_method!r}.")
+  _validate_fid(c.eval)
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
