@@ -55,7 +55,7 @@ def test_decode_keeps_fixed_tokens_and_ends_unmasked(shape):
   final, history = maskgit.decode(lambda t: logits_table, jnp.asarray(start), mask_id,
                                   jax.random.PRNGKey(0), num_steps=steps)
   history = np.concatenate([start[None], np.asarray(history)])
-  n = int(np.prod(shape[1:]))
+  n = int(np.prod(shape[1:])) - 3  # the schedule counts the initially masked entries
   for t in range(steps):
     before, after = history[t], history[t + 1]
     fixed = before != mask_id
@@ -169,7 +169,7 @@ def test_cached_sampling_equals_recompute_sampling():
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_maskgit_transformer_shapes_condition_and_logical_axes(channels):
-  model = MaskGITTransformer(codebook_size=16, seq_len=9, channels=channels, num_classes=4,
+  model = MaskGITTransformer(codebook_size=16, seq_len=9, channels=channels, num_conditions=4,
                              width=32, depth=2, heads=4, mlp_dim=64, dropout=0.0)
   shape = (2, 9) if channels == 1 else (2, 9, channels)
   tokens = jnp.asarray(np.random.default_rng(7).integers(0, 17, shape))
@@ -183,25 +183,20 @@ def test_maskgit_transformer_shapes_condition_and_logical_axes(channels):
   assert boxed and all(isinstance(b, nn.Partitioned) and set(b.names) <= names for b in boxed)
 
 
-@pytest.mark.parametrize("kind,classes,guidance", [("maskgit", 0, 0.0), ("maskgit", 4, 2.0),
-                                                   ("gpt", 4, 1.5), ("gpt", 0, 0.0)])
-def test_sample_tokens_for_each_model_kind(kind, classes, guidance):
+@pytest.mark.parametrize("objective,classes,guidance", [
+    ("maskgit", 0, 0.0), ("maskgit", 4, 2.0), ("gpt", 4, 1.5), ("gpt", 0, 0.0)])
+def test_sample_tokens_for_each_objective(objective, classes, guidance):
   from vqjax import config_lib
-  from vqjax.train.sample import sample_tokens
-  from vqjax.train.transformer import build_model
+  from vqjax.train.transformer import build_objective
 
-  c = config_lib.transformer_smoke_overrides(config_lib.transformer_config(kind))
+  c = config_lib.transformer_smoke_overrides(config_lib.transformer_config(objective))
   c.model.num_classes = classes
   c.model.dropout = 0.0
   c.sample.steps = 3
   c.sample.top_k = 5
   c.sample.guidance_scale = guidance
-  model = build_model(c, (3, 3), 11)
-  labels = jnp.array([0, 3])
-  if kind == "maskgit":
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 9), jnp.int32),
-                        labels if classes else None)["params"]
-  else:
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 9), jnp.int32), labels)["params"]
-  tokens = sample_tokens(model, nn.unbox(params), c, labels, (9,), jax.random.PRNGKey(1))
+  obj = build_objective(c, (3, 3), 11)
+  params = nn.unbox(obj.init_params(jax.random.PRNGKey(0)))
+  cond = obj.conditions.from_labels(jnp.array([0, 3]))
+  tokens = obj.sample(params, cond, jax.random.PRNGKey(1), c.sample)
   assert tokens.shape == (2, 9) and int(tokens.min()) >= 0 and int(tokens.max()) < 11

@@ -8,6 +8,7 @@ classifier-free guidance in it; see `guided_logits`).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -20,17 +21,40 @@ def cosine_schedule(r):
   return jnp.cos(0.5 * jnp.pi * r)
 
 
-def num_masked_after_step(step, total_steps: int, num_tokens: int):
-  """Tokens still masked after decoding step `step` (0-based) of `total_steps`.
-
-  floor(N cos(pi/2 (step+1)/T)), at least 1 before the last step, 0 after it.
-  The table is built in float64 on the host (in float32, N cos(pi/3) = N/2
-  can floor to N/2 - 1) and indexed by the traced step.
-  """
+@functools.lru_cache(maxsize=64)
+def _schedule_table(total_steps: int, max_tokens: int) -> np.ndarray:
+  """[T, max_tokens + 1] int32: entry [t, n] = masked count after step t for n masked at first."""
   t = np.arange(1, total_steps + 1, dtype=np.float64) / total_steps
-  table = np.maximum(np.floor(num_tokens * np.cos(0.5 * np.pi * t) + 1e-9), 1).astype(np.int32)
+  n = np.arange(max_tokens + 1, dtype=np.float64)
+  ratio = np.cos(0.5 * np.pi * t)[:, None]
+  table = np.maximum(np.floor(n[None] * ratio + 1e-9), 1).astype(np.int32)
   table[-1] = 0
-  return jnp.asarray(table)[step]
+  table.flags.writeable = False
+  return table
+
+
+def num_masked_after_step(step, total_steps: int, num_tokens, max_tokens: int | None = None):
+  """Entries still masked after decoding step `step` (0-based) of `total_steps`.
+
+  floor(n cos(pi/2 (step+1)/T)), at least 1 before the last step, 0 after it,
+  where n = `num_tokens` is the number of entries masked before the first step
+  (an int, or an int array such as one count per example [B], which may be
+  traced). As in MaskGIT's reference decoder (google-research/maskgit,
+  `libml/parallel_decode.py`), given entries do not count: only the initially
+  unknown ones are spread over the T steps.
+
+  The values are looked up in a [T, max_tokens + 1] table built in float64 on
+  the host (in float32, n cos(pi/3) = n/2 can floor to n/2 - 1), indexed by the
+  traced step and counts. `max_tokens` bounds `num_tokens` (e.g. the number of
+  entries of a token map); it defaults to the largest count, which must then
+  be concrete.
+  """
+  if max_tokens is None:
+    if isinstance(num_tokens, jax.core.Tracer):
+      raise ValueError("num_masked_after_step: pass max_tokens when num_tokens is traced")
+    max_tokens = int(np.max(num_tokens))
+  table = jnp.asarray(_schedule_table(int(total_steps), int(max_tokens)))
+  return table[step, jnp.asarray(num_tokens)]
 
 
 def _flat(x):
@@ -67,12 +91,20 @@ def decode(logits_fn: Callable, tokens, mask_id: int, rng, num_steps: int = 12,
   """Iterative parallel decoding from `tokens` (masked entries = `mask_id`).
 
   Step t samples every masked entry from softmax(logits / temperature), then
-  re-masks the floor(N cos(pi/2 (t+1)/T)) least confident of the newly
-  sampled ones, confidence = log p(sample) + choice_temperature (1 - (t+1)/T)
-  Gumbel noise. Entries fixed earlier (or given) are never re-masked.
+  re-masks the floor(n cos(pi/2 (t+1)/T)) least confident of the newly sampled
+  ones (at least 1, and at most all but one of them, before the last step),
+  confidence = log p(sample) + choice_temperature (1 - (t+1)/T) Gumbel noise.
+  n counts, per example, the entries masked in `tokens` ((position, channel)
+  pairs for [B, N, c] maps): given entries (inpainting, editing) are not part
+  of the schedule, as in MaskGIT's reference decoder (Chang et al. 2022).
+  Entries fixed earlier (or given) are never re-masked or changed. When a
+  single masked entry is left before the last step it is revealed, where the
+  reference keeps it masked until the end; with every other entry fixed, it is
+  sampled from the same logits either way.
   Returns (final tokens, [T, ...] token maps after each step).
   """
-  num_tokens = int(np.prod(tokens.shape[1:]))
+  num_entries = int(np.prod(tokens.shape[1:]))
+  initially_masked = jnp.sum(_flat(tokens == mask_id), axis=-1)  # [B]
 
   def step(carry, t):
     tokens, rng = carry
@@ -87,7 +119,8 @@ def decode(logits_fn: Callable, tokens, mask_id: int, rng, num_steps: int = 12,
     confidence = chosen_logp + anneal * jax.random.gumbel(rng_gumbel, chosen_logp.shape)
     confidence = jnp.where(masked, confidence, jnp.inf)  # fixed entries are never re-masked
     still = jnp.sum(_flat(masked), axis=-1)
-    num = jnp.minimum(num_masked_after_step(t, num_steps, num_tokens), jnp.maximum(still - 1, 0))
+    scheduled = num_masked_after_step(t, num_steps, initially_masked, num_entries)
+    num = jnp.minimum(scheduled, jnp.maximum(still - 1, 0))
     num = jnp.where(t + 1 >= num_steps, 0, num)
     remask = mask_lowest(confidence, num) & masked
     new = jnp.where(remask, mask_id, sampled)
