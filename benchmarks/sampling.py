@@ -53,7 +53,7 @@ def bench_size(size: str, b: int, n: int, k: int, report) -> None:
 
   width, depth, heads = SIZES[size]
   labels = jnp.arange(b) % 1000
-  mg = MaskGITTransformer(codebook_size=k, seq_len=n, num_classes=1000, width=width,
+  mg = MaskGITTransformer(codebook_size=k, seq_len=n, num_conditions=1000, width=width,
                           depth=depth, heads=heads, mlp_dim=4 * width, dropout=0.0)
   start = jnp.full((b, n), mg.mask_id, jnp.int32)
   mg_params = jax.jit(mg.init)(jax.random.PRNGKey(0), start, labels)

@@ -50,12 +50,12 @@ def main(argv):
   state = s.state
   start = time.perf_counter()
   for _ in range(_WARMUP.value):
-    state, metrics = s.train_step(state, device_batch, s.lpips_params)
+    state, metrics = s.train_step(state, device_batch, s.term_params)
   jax.block_until_ready(metrics)
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
   for _ in range(_STEPS.value):
-    state, metrics = s.train_step(state, device_batch, s.lpips_params)
+    state, metrics = s.train_step(state, device_batch, s.term_params)
   jax.block_until_ready(metrics)
   elapsed = time.perf_counter() - start
   ms = 1000 * elapsed / _STEPS.value

@@ -16,7 +16,7 @@ def get_config(arg=None):
   c.model.mlp_dim = 4096
   if arg == "smoke":
     config_lib.transformer_smoke_overrides(c)
-    c.tokens.dir = "runs/demo/tokens_train"
+    c.tokens.dir = "runs/demo/tokenizer/tokens_train"
     c.model.num_classes = 12  # the embedded set's images are its classes
   elif arg:
     raise ValueError(f"unknown variant {arg!r} for ar_imagenet.py; use '' or 'smoke'")

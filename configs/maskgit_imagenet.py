@@ -4,9 +4,9 @@
       --config.tokens.dir=<tokenizer workdir>/tokens_train
 
 `smoke`: a tiny model on the demo tokenizer's tokens (`make demo` writes
-runs/demo/tokens_train), a few CPU steps. `demo`: the small MaskGIT that
+runs/demo/tokenizer/tokens_train), a few CPU steps. `demo`: the small MaskGIT that
 `make demo` trains on those tokens (a couple of minutes on 2 CPU cores), with
-validation loss on runs/demo/tokens_validation and sample grids every 200
+validation loss on runs/demo/tokenizer/tokens_validation and sample grids every 200
 steps, and a 16-sample FID/KID in --mode=eval.
 """
 
@@ -17,7 +17,7 @@ def get_config(arg=None):
   c = config_lib.transformer_config("maskgit")
   if arg in ("smoke", "demo"):
     config_lib.transformer_smoke_overrides(c)
-    c.tokens.dir = "runs/demo/tokens_train"
+    c.tokens.dir = "runs/demo/tokenizer/tokens_train"
     c.model.num_classes = 12  # the embedded set's images are its classes
   if arg == "demo":
     c.model.width = 128

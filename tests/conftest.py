@@ -15,15 +15,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def load_config(spec: str):
-  """`configs/x.py:variant` -> locked ConfigDict, as the command line would build it."""
-  import importlib.util
+  """`configs/x.py:variant` (relative to the repository) -> the ConfigDict the recipe returns."""
+  from vqjax.core.config_files import load_config_file
 
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("cfg_" + os.path.basename(path)[:-3],
-                                                       os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return load_config_file(os.path.join(ROOT, spec))
 
 
 @pytest.fixture

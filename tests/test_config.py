@@ -12,7 +12,7 @@ from vqjax.config_lib import ConfigError, validate_tokenizer_config, validate_tr
 
 def test_image_size_the_encoder_cannot_divide(smoke_config):
   with smoke_config.unlocked():
-    smoke_config.model.ch_mult = (1, 2, 2)
+    smoke_config.model.encoder.ch_mult = (1, 2, 2)
     smoke_config.data.image_size = 30
   with pytest.raises(ConfigError, match="not divisible .* factor 4"):
     validate_tokenizer_config(smoke_config, num_devices=1)
@@ -52,7 +52,7 @@ def test_transformer_sample_batch_the_mesh_cannot_split():
 
 def test_norm_groups_must_divide_widths(smoke_config):
   with smoke_config.unlocked():
-    smoke_config.model.norm_groups = 5
+    smoke_config.model.decoder.norm_groups = 5
   with pytest.raises(ConfigError, match="norm_groups=5"):
     validate_tokenizer_config(smoke_config, num_devices=1)
 

@@ -16,13 +16,13 @@ def test_make_demo_improves_reconstructions(tmp_path):
   proc = subprocess.run(["make", "demo", f"WORKDIR={workdir}"], cwd=ROOT, capture_output=True,
                         text=True, timeout=1800)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  start = json.load(open(workdir / "eval_0.json"))
-  end = json.load(open(workdir / "eval_300.json"))
+  start = json.load(open(workdir / "tokenizer" / "eval_0.json"))
+  end = json.load(open(workdir / "tokenizer" / "eval_300.json"))
   assert end["psnr"] > start["psnr"] + 4.0
   assert end["lpips"] < start["lpips"] - 0.1
-  assert os.path.exists(workdir / "images" / "reconstructions_0000300.png")
+  assert os.path.exists(workdir / "tokenizer" / "images" / "reconstructions_0000300.png")
   # Then tokens of the train split, a small MaskGIT on them, and a grid of its samples.
-  meta = json.load(open(workdir / "tokens_train" / "meta.json"))
+  meta = json.load(open(workdir / "tokenizer" / "tokens_train" / "meta.json"))
   assert meta["complete"] and meta["token_shape"] == [16, 16]
   samples = np.load(workdir / "maskgit" / "samples" / "samples_400.npz")
   assert samples["images"].shape == (16, 64, 64, 3)

@@ -174,7 +174,7 @@ def test_gpt_validation_loss_and_visualize(tokenizer):
   run_dir = workdir.parent / "gpt"
   trained = transformer.train(c, str(run_dir))
   params = nn.unbox(trained.params)
-  model = transformer.build_model(c, (16, 16), 32)
+  model = transformer.build_objective(c, (16, 16), 32).model
 
   store = TokenStore(val_store)
   tokens = np.stack([store[i]["tokens"].reshape(-1) for i in range(len(store))])

@@ -1,5 +1,6 @@
 """Quantiser maths against hand-worked numbers and a NumPy transcription of the formulas."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +94,7 @@ def test_ema_update_matches_numpy_formula():
 def test_ema_module_updates_only_when_collection_is_mutable():
   module = VectorQuantizer(codebook_size=4, embed_dim=2, learning="ema", ema_decay=0.5)
   z = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 3, 2))
-  variables = module.init(jax.random.PRNGKey(0), z)
+  variables = nn.unbox(module.init(jax.random.PRNGKey(0), z))
   assert "params" not in variables  # the EMA codebook is state, not a parameter
   stats = variables["vq_stats"]
   out_frozen = module.apply(variables, z, train=True)  # not mutable: no update possible

@@ -9,9 +9,9 @@ SCRIPT = r"""
 import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 sys.path.insert(0, os.getcwd())
-import jax, jax.numpy as jnp, numpy as np
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from vqjax.nn.quantizers import QUANTIZERS
+from vqjax.registry import QUANTIZERS
 
 assert jax.device_count() == 8
 mesh = Mesh(np.array(jax.devices()).reshape(8, 1), ("data", "model"))
@@ -24,8 +24,8 @@ cases = [
     ("regvq", dict()),
 ]
 for name, kw in cases:
-  module = QUANTIZERS[name](codebook_size=32, embed_dim=8, **kw)
-  variables = module.init(jax.random.PRNGKey(1), z)
+  module = QUANTIZERS.get(name)(codebook_size=32, embed_dim=8, **kw)
+  variables = nn.unbox(module.init(jax.random.PRNGKey(1), z))  # plain arrays
 
   def step(variables, z):
     out, mutated = module.apply(variables, z, train=True, mutable=["vq_stats"],

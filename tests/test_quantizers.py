@@ -1,5 +1,6 @@
 """Reg-VQ, MoVQ multichannel, FQ-GAN and the vq options against independent computations."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +28,7 @@ def _nearest_numpy(v, codebook):
 def test_regvq_with_mask_ratio_zero_equals_deterministic_quantisation_exactly():
   z = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 6))
   module = RegVQQuantizer(codebook_size=16, embed_dim=6, mask_ratio=0.0)
-  variables = module.init(jax.random.PRNGKey(1), z)
+  variables = nn.unbox(module.init(jax.random.PRNGKey(1), z))
   train = module.apply(variables, z, train=True, rngs=RNGS)
   evaluation = module.apply(variables, z, train=False)
   np.testing.assert_array_equal(train.quantized, evaluation.quantized)
@@ -45,7 +46,7 @@ def test_regvq_with_mask_ratio_zero_equals_deterministic_quantisation_exactly():
 def test_regvq_mask_ratio_is_the_fraction_of_stochastic_positions():
   z = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 4))
   module = RegVQQuantizer(codebook_size=8, embed_dim=4, mask_ratio=0.4)
-  variables = module.init(jax.random.PRNGKey(1), z)
+  variables = nn.unbox(module.init(jax.random.PRNGKey(1), z))
   out = module.apply(variables, z, train=True, rngs=RNGS)
   frac = float(out.aux["stochastic_mask"].mean())
   assert abs(frac - 0.4) < 0.03  # 2048 Bernoulli(0.4) draws: sd 0.011
@@ -103,7 +104,7 @@ def test_algorithm_1_gradient_is_the_softmax_matmul_gradient(stochastic):
 def test_regvq_prior_kl_loss_value():
   z = jax.random.normal(jax.random.PRNGKey(5), (1, 3, 3, 4))
   module = RegVQQuantizer(codebook_size=6, embed_dim=4, prior_weight=0.5)
-  variables = module.init(jax.random.PRNGKey(1), z)
+  variables = nn.unbox(module.init(jax.random.PRNGKey(1), z))
   out = module.apply(variables, z, train=True, rngs=RNGS)
   head = variables["params"]["logits_head"]
   logits = np.asarray(z).reshape(-1, 4) @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
@@ -165,7 +166,7 @@ def test_fq_propagate_flag():
   h = jax.random.normal(jax.random.PRNGKey(9), (2, 4, 4, 3))
   for propagate in (True, False):
     module = FeatureQuantizer(codebook_size=5, embed_dim=3, propagate=propagate)
-    variables = module.init(jax.random.PRNGKey(0), h)
+    variables = nn.unbox(module.init(jax.random.PRNGKey(0), h))
     out = module.apply(variables, h)
     if propagate:
       np.testing.assert_allclose(out.quantized, module.apply(
@@ -207,7 +208,7 @@ def test_kmeans_init_runs_on_the_first_training_batch_only(learning):
   z2 = 5.0 + jax.random.normal(jax.random.PRNGKey(12), (4, 4, 4, 3))
   module = VectorQuantizer(codebook_size=8, embed_dim=3, learning=learning, kmeans_init=True,
                            kmeans_iters=100, ema_decay=0.9)
-  variables = module.init(jax.random.PRNGKey(0), z1)
+  variables = nn.unbox(module.init(jax.random.PRNGKey(0), z1))
   flat = np.asarray(z1).reshape(-1, 3)
   out, mutated = module.apply(variables, z1, train=True, mutable=["vq_stats"], rngs=RNGS)
   stats = mutated["vq_stats"]

@@ -94,7 +94,7 @@ def test_nonfinite_batch_skips_the_update(smoke_config):
   bad[0, 0, 0, 0] = np.nan
   batch = partitioning.shard_batch({"image": bad, "label": np.zeros(8, np.int32)}, s.mesh)
   before = jax.device_get(s.state)
-  state, metrics = s.train_step(s.state, batch, s.lpips_params)
+  state, metrics = s.train_step(s.state, batch, s.term_params)
   after = jax.device_get(state)
   assert float(metrics["nonfinite"]) == 1.0 and int(after.step) == 1
   for a, b in zip(jax.tree.leaves(before.params), jax.tree.leaves(after.params), strict=True):

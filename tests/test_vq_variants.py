@@ -34,7 +34,7 @@ def test_variant_smoke_run(variant, tmp_path):
     x = np.zeros((2, config.data.image_size, config.data.image_size, 3), np.float32)
     variables = {"params": state.params, **({"vq_stats": state.vq_stats} if stats else {})}
     _, out = vqgan.apply(variables, x)
-    h = config.data.image_size // 2 ** (len(config.model.ch_mult) - 1)
+    h = config.data.image_size // 2 ** (len(config.model.encoder.ch_mult) - 1)
     expected = (2, h, h, q.channels) if variant == "multichannel" else (2, h, h)
     assert out.indices.shape == expected
     decoded = vqgan.apply(variables, out.indices, method=vqgan.decode_indices)
@@ -53,7 +53,7 @@ def test_quantizer_fields_are_checked_with_a_suggestion():
     config.model.quantizer.mask_ratio = 1.5
   with pytest.raises(ConfigError, match="mask_ratio=1.5 must be in"):
     validate_tokenizer_config(config, 1)
-  with pytest.raises(ConfigError, match="no field"):
+  with pytest.raises(ConfigError, match="restart_after is not a field of quantizer 'regvq'"):
     quantizer_config("regvq", restart_after=10)
   with config.unlocked():
     config.model.quantizer = quantizer_config("multichannel", codebook_size=32, embed_dim=8)

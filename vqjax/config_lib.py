@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from vqjax import registry
+from vqjax.core.config_files import load_config_file
+from vqjax.errors import ConfigError
+from vqjax.eval.settings import add_fid_settings, validate_fid_settings
+from vqjax.losses.terms import terms_config
 
-def _fid_settings(e: ml_collections.ConfigDict) -> None:
-  """The FID/KID fields both kinds of recipe share (see vqjax/eval/evaluator.py)."""
-  e.fid_method = "sqrtm"  # 'sqrtm' (SciPy, float64) | 'eigh' (same value, ~6x faster)
-  e.kid_subsets = 100
-  e.kid_subset_size = 1000
-  e.precision_recall = False  # k-NN (k=3) manifold precision/recall
-  e.max_features = 50_000  # raw features kept per set for KID and precision/recall
-  e.stats_cache_dir = ""  # '' = $VQJAX_CACHE_DIR or ~/.cache/vqjax/fid_stats
-
-
-def _validate_fid(e: ml_collections.ConfigDict) -> None:
-  if e.fid_method not in ("sqrtm", "eigh"):
-    raise ConfigError(f"eval.fid_method must be 'sqrtm' or 'eigh', not {e.fid_method!r}.")
+__all__ = ["ConfigError", "load_config_file"]  # re-exported for recipes
 
 
 def tokenizer_config() -> ml_collections.ConfigDict:
@@ -34,9 +27,12 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by `model`
   c.mesh.model = 1
-  # 'replicate': every parameter on every device; 'channels': shard the last
-  # (output-channel) axis of kernels over `model` where it divides.
+  # How parameters (and their optimiser states) are placed, by their logical axis names:
+  # 'replicate': on every device; 'channels': the axes `rules` map to `model` (output
+  # channels) are split over it; 'fsdp': 'channels' plus each parameter's largest
+  # other axis that `data` divides split over `data` (vqjax.train.partitioning).
   c.mesh.param_sharding = "replicate"
+  c.mesh.rules = DEFAULT_LOGICAL_RULES  # logical axis -> mesh axis (None = replicated)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "tfds"  # 'tfds' | 'folder' | 'embedded'
@@ -54,32 +50,50 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.data.crops_per_image = 256  # embedded set only
   c.data.eval_crops_per_image = 16  # embedded set only
 
+  # The tokenizer: three registered parts (vqjax.registry), each with its own fields.
   c.model = ml_collections.ConfigDict()
-  c.model.ch = 128
-  c.model.ch_mult = (1, 1, 2, 2, 4)
-  c.model.num_res_blocks = 2
-  c.model.attn_resolutions = (16,)
-  c.model.z_channels = 256
-  c.model.norm_groups = 32
+  c.model.z_channels = 256  # encoder output / decoder input width around the 1x1 convs
+  arch = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+              norm_groups=32)
+  c.model.encoder = registry.ENCODERS.config("vqgan", **arch)
   c.model.quantizer = quantizer_config("vq", codebook_size=1024, embed_dim=256)
+  c.model.decoder = registry.DECODERS.config("vqgan", **arch)
 
-  c.disc = ml_collections.ConfigDict()
-  c.disc.ndf = 64
-  c.disc.num_layers = 3
+  c.disc = registry.DISCRIMINATORS.config("patchgan", ndf=64, num_layers=3)
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.l1_weight = 1.0
-  c.loss.perceptual_weight = 1.0
+  # label -> {"name", "weight", fields}: see vqjax/losses/terms.py.
+  c.loss.terms = terms_config(l1={"weight": 1.0}, lpips={"weight": 1.0})
   c.loss.codebook_weight = 1.0
+  c.loss.gan = registry.GAN_LOSSES.config("hinge")
   c.loss.disc_weight = 0.8
   c.loss.disc_start = 250_001
   c.loss.adaptive_weight_max = 1e4
+  c.loss.r1_weight = 0.0  # gamma / 2 of R1 on real images (0 = off)
+  c.loss.lecam_weight = 0.0  # LeCam regulariser weight (0 = off)
+  c.loss.lecam_decay = 0.99  # EMA decay of its anchors
 
   c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"  # 'adam' | 'adamw'
   c.optim.lr = 1e-4
   c.optim.disc_lr = 1e-4
   c.optim.b1 = 0.5
   c.optim.b2 = 0.9
+  c.optim.weight_decay = 0.0  # adamw only
+  c.optim.schedule = "constant"  # 'constant' | 'warmup_cosine' (to 0 at train.steps)
+  c.optim.warmup_steps = 0
+  # Regular expressions (re.fullmatch) over parameter paths such as
+  # 'encoder/conv_in/kernel' or 'quantizer/.*': matched parameters get no update,
+  # and matched quantiser statistics (an EMA codebook) are not updated either.
+  c.optim.frozen = ()
+
+  # Before step 0 of a new run, copy parameters from another run's checkpoint.
+  c.init_from = ml_collections.ConfigDict()
+  c.init_from.workdir = ""  # '' = off
+  c.init_from.step = -1  # -1 = its latest checkpoint
+  # re.fullmatch over state paths such as 'params/decoder/.*' or 'vq_stats/.*'; a matched
+  # leaf that the source lacks keeps its initial value (a new layer).
+  c.init_from.patterns = (".*",)
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 500_000
@@ -98,7 +112,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.eval.checkpoint_step = -1  # --mode=eval: -1 = latest
   # Inception metrics (rFID/KID against the val split's cached statistics).
   c.eval.fid = True
-  _fid_settings(c.eval)
+  add_fid_settings(c.eval)
 
   # --mode=tokenize: indices of a split for the transformer trainers.
   c.tokenize = ml_collections.ConfigDict()
@@ -113,17 +127,17 @@ def tokenizer_config() -> ml_collections.ConfigDict:
 def quantizer_config(name: str, **overrides) -> ml_collections.ConfigDict:
   """`config.model.quantizer` for quantiser `name`: its fields, module defaults, overrides.
 
-  The fields are exactly the module's (see `vqjax.nn.quantizers.QUANTIZERS`),
-  so a recipe cannot set one that the chosen quantiser ignores.
+  The fields are exactly the module's, so a recipe cannot set one that the
+  chosen quantiser ignores.
   """
-  from vqjax.nn.quantizers import quantizer_fields
+  return registry.QUANTIZERS.config(name, **overrides)
 
-  fields = quantizer_fields(name)
-  unknown = sorted(set(overrides) - set(fields))
-  if unknown:
-    raise ConfigError(f"quantizer {name!r} has no field(s) {unknown}; it has {sorted(fields)}")
-  c = ml_collections.ConfigDict({"name": name, **fields, **overrides})
-  return c
+
+def set_autoencoder(model: ml_collections.ConfigDict, **fields) -> None:
+  """Set architecture fields (ch, ch_mult, ...) on both the encoder and the decoder."""
+  for part in (model.encoder, model.decoder):
+    for key, value in fields.items():
+      part[key] = value
 
 
 def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -134,12 +148,9 @@ def demo_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.crops_per_image = 256
   c.data.eval_crops_per_image = 16
   c.data.eval_random_crop = True  # fixed-seed crops: 16 distinct views of each val image
-  c.model.ch = 32
-  c.model.ch_mult = (1, 2, 2)
-  c.model.num_res_blocks = 1
-  c.model.attn_resolutions = ()
+  set_autoencoder(c.model, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                  norm_groups=16)
   c.model.z_channels = 64
-  c.model.norm_groups = 16
   c.model.quantizer.codebook_size = 256
   c.model.quantizer.embed_dim = 32
   c.disc.ndf = 32
@@ -167,12 +178,9 @@ def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.crops_per_image = 8
   c.data.eval_crops_per_image = 2
   c.data.eval_random_crop = True
-  c.model.ch = 16
-  c.model.ch_mult = (1, 2)
-  c.model.num_res_blocks = 1
-  c.model.attn_resolutions = ()
+  set_autoencoder(c.model, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                  norm_groups=8)
   c.model.z_channels = 16
-  c.model.norm_groups = 8
   c.model.quantizer.codebook_size = 32
   c.model.quantizer.embed_dim = 8
   c.disc.ndf = 8
@@ -193,26 +201,27 @@ def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-class ConfigError(ValueError):
-  """A config value the code cannot run with; the message says what to change."""
-
-
 def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
                               process_count: int = 1) -> None:
-  """Check what would otherwise fail deep inside compilation."""
+  """Check what would otherwise fail deep inside compilation: every part by its registry
+  (names, fields, the part's own ranges), then the sizes that tie the parts together."""
   m = c.model
-  factor = 2 ** (len(m.ch_mult) - 1)
+  for reg, part in ((registry.ENCODERS, m.encoder), (registry.QUANTIZERS, m.quantizer),
+                    (registry.DECODERS, m.decoder), (registry.DISCRIMINATORS, c.disc),
+                    (registry.GAN_LOSSES, c.loss.gan)):
+    reg.check(part)
+  for label, term in c.loss.terms.items():
+    if "name" not in term:
+      raise ConfigError(f"loss.terms.{label} has no 'name': choose one of "
+                        f"{registry.LOSS_TERMS.names()}.")
+    registry.LOSS_TERMS.check(term)
+  downsampling = getattr(registry.ENCODERS.get(m.encoder.name), "downsampling", None)
+  factor = downsampling(m.encoder) if downsampling else 1
   if c.data.image_size % factor:
     raise ConfigError(
         f"data.image_size={c.data.image_size} is not divisible by the encoder's downsampling "
-        f"factor {factor} (model.ch_mult={tuple(m.ch_mult)}): use a multiple of {factor}, "
-        f"e.g. {max(factor, c.data.image_size // factor * factor)}.")
-  widths = [m.ch * k for k in m.ch_mult] + [m.ch]
-  bad = [w for w in widths if w % m.norm_groups]
-  if bad:
-    raise ConfigError(f"model.norm_groups={m.norm_groups} does not divide channel width {bad[0]}"
-                      f" (model.ch={m.ch}, ch_mult={tuple(m.ch_mult)}).")
-  validate_quantizer_config(m.quantizer)
+        f"factor {factor} (model.encoder.ch_mult={tuple(m.encoder.ch_mult)}): use a multiple "
+        f"of {factor}, e.g. {max(factor, c.data.image_size // factor * factor)}.")
   data_size = mesh_data_size(c, num_devices)
   for name, batch in (("train.batch_size", c.train.batch_size),
                       ("eval.batch_size", c.eval.batch_size),
@@ -221,40 +230,38 @@ def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
       raise ConfigError(
           f"{name}={batch} cannot be split over the mesh's data axis of size {data_size} "
           f"and {process_count} process(es): use a multiple of {data_size * process_count}.")
-  _validate_fid(c.eval)
-  if c.mesh.param_sharding not in ("replicate", "channels"):
-    raise ConfigError(f"mesh.param_sharding must be 'replicate' or 'channels', "
-                      f"not {c.mesh.param_sharding!r}.")
+  validate_fid_settings(c.eval)
+  _validate_optim(c.optim)
+  for name in ("r1_weight", "lecam_weight", "codebook_weight", "disc_weight"):
+    if c.loss[name] < 0:
+      raise ConfigError(f"loss.{name}={c.loss[name]} must be >= 0.")
+  if not 0.0 <= c.loss.lecam_decay < 1.0:
+    raise ConfigError(f"loss.lecam_decay={c.loss.lecam_decay} must be in [0, 1).")
+  validate_mesh(c)
+
+
+def _validate_optim(o: ml_collections.ConfigDict) -> None:
+  import re
+
+  if o.name not in ("adam", "adamw"):
+    raise ConfigError(f"optim.name must be 'adam' or 'adamw', not {o.name!r}.")
+  if o.schedule not in ("constant", "warmup_cosine"):
+    raise ConfigError(f"optim.schedule must be 'constant' or 'warmup_cosine', "
+                      f"not {o.schedule!r}.")
+  if o.lr <= 0 or o.disc_lr <= 0 or o.weight_decay < 0 or o.warmup_steps < 0:
+    raise ConfigError("optim.lr and optim.disc_lr must be > 0, optim.weight_decay and "
+                      "optim.warmup_steps >= 0.")
+  for pattern in o.frozen:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f"optim.frozen pattern {pattern!r} is not a regular expression: "
+                        f"{e}") from None
 
 
 def validate_quantizer_config(q: ml_collections.ConfigDict) -> None:
   """`config.model.quantizer`: a known name, only its fields, values in range."""
-  from vqjax.nn.quantizers import QUANTIZERS, check_quantizer_fields
-
-  if q.name not in QUANTIZERS:
-    raise ConfigError(f"model.quantizer.name={q.name!r} is not a quantiser; choose one of "
-                      f"{sorted(QUANTIZERS)}.")
-  try:
-    check_quantizer_fields(q)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if q.embed_dim <= 0 or q.codebook_size <= 1:
-    raise ConfigError("model.quantizer.embed_dim must be > 0 and codebook_size > 1.")
-  checks = [
-      ("learning", lambda v: v in ("loss", "ema"), "'loss' or 'ema'"),
-      ("channels", lambda v: v >= 1 and q.embed_dim % v == 0,
-       f"a divisor of embed_dim={q.embed_dim}"),
-      ("restart_after", lambda v: v >= 0, ">= 0 (0 turns restarts off)"),
-      ("kmeans_iters", lambda v: v >= 1, ">= 1"),
-      ("entropy_weight", lambda v: v >= 0, ">= 0"),
-      ("mask_ratio", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
-      ("temperature", lambda v: v > 0, "> 0"),
-      ("decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-      ("ema_decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-  ]
-  for field, ok, wanted in checks:
-    if field in q and not ok(q[field]):
-      raise ConfigError(f"model.quantizer.{field}={q[field]!r} must be {wanted}.")
+  registry.QUANTIZERS.check(q)
 
 
 def mesh_data_size(c: ml_collections.ConfigDict, num_devices: int) -> int:
@@ -269,20 +276,51 @@ def mesh_data_size(c: ml_collections.ConfigDict, num_devices: int) -> int:
   return data
 
 
-DEFAULT_LOGICAL_RULES = (("embed", None), ("mlp", "model"), ("heads", "model"), ("kv", None),
-                         ("vocab", "model"))
+PARAM_SHARDING_MODES = ("replicate", "channels", "fsdp")
+
+# Logical axis -> mesh axis, for the names both trainers' parameters carry (the
+# transformer's in vqjax/nn/transformers.py, the tokenizer's in vqjax/nn/layers.py):
+# output-channel-like axes go over `model` under mesh.param_sharding='channels'/'fsdp'.
+# Quantiser codebooks and their statistics (codes, code_dim) stay whole: they are small,
+# and a nearest-code search split over devices can break near-ties differently from one
+# device ('fsdp' still splits their largest axis over `data`).
+DEFAULT_LOGICAL_RULES = (
+    ("embed", None), ("mlp", "model"), ("heads", "model"), ("kv", None), ("vocab", "model"),
+    ("conv_height", None), ("conv_width", None), ("conv_in", None), ("conv_out", "model"),
+    ("embed_in", None), ("embed_out", "model"), ("codes", None), ("code_dim", None))
 
 
-def transformer_config(kind: str) -> ml_collections.ConfigDict:
-  """A token transformer recipe (SPEC 6): kind 'maskgit' or 'gpt', base sizes."""
-  if kind not in ("maskgit", "gpt"):
-    raise ConfigError(f"transformer kind must be 'maskgit' or 'gpt', not {kind!r}")
+def validate_mesh(c: ml_collections.ConfigDict) -> None:
+  """`config.mesh.param_sharding` is a known mode and `mesh.rules` maps names to mesh axes."""
+  if c.mesh.param_sharding not in PARAM_SHARDING_MODES:
+    raise ConfigError(f"mesh.param_sharding must be one of {PARAM_SHARDING_MODES}, "
+                      f"not {c.mesh.param_sharding!r}.")
+  for rule in c.mesh.rules:
+    axes = rule[1] if len(rule) == 2 else None
+    axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+    if len(rule) != 2 or not isinstance(rule[0], str) or not all(
+        a in (None, "data", "model") for a in axes):
+      raise ConfigError(f"mesh.rules entry {tuple(rule)!r} must be (logical axis name, mesh "
+                        "axis) with the mesh axis 'data', 'model', a tuple of them, or None.")
+
+
+def transformer_config(objective: str, **objective_fields) -> ml_collections.ConfigDict:
+  """A token transformer recipe at base sizes, for a registered objective ('maskgit', 'gpt').
+
+  `config.model.objective` holds the objective's name and fields (vqjax/objectives/);
+  the optimiser defaults are those of its paper's recipe.
+  """
+  objective_config = registry.OBJECTIVES.config(objective, **objective_fields)
+  optim = registry.OBJECTIVES.get(objective).optim_defaults
   c = ml_collections.ConfigDict()
   c.trainer = "transformer"
   c.seed = 0
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.model = 1
+  # 'channels': each logical axis on the mesh axis `rules` maps it to; 'replicate', 'fsdp'
+  # as in tokenizer_config (vqjax.train.partitioning.param_shardings).
+  c.mesh.param_sharding = "channels"
   c.mesh.rules = DEFAULT_LOGICAL_RULES  # logical axis -> mesh axis (None = replicated)
 
   c.tokens = ml_collections.ConfigDict()
@@ -305,24 +343,22 @@ def transformer_config(kind: str) -> ml_collections.ConfigDict:
   c.sample.guidance_scale = 0.0  # classifier-free guidance; 0 = off
 
   c.model = ml_collections.ConfigDict()
-  c.model.kind = kind
+  c.model.objective = objective_config
   c.model.width = 768
   c.model.depth = 24
   c.model.heads = 12
   c.model.mlp_dim = 3072
   c.model.dropout = 0.1
-  c.model.num_classes = 1000  # 0 = unconditional
-  c.model.cond_dropout = 0.1  # fraction of labels replaced by "no class" (for guidance)
-
-  c.loss = ml_collections.ConfigDict()
-  c.loss.label_smoothing = 0.1 if kind == "maskgit" else 0.0
+  # The condition prefix: a class label (length 1) over num_classes ids, 0 = unconditional.
+  c.model.num_classes = 1000
+  c.model.cond_dropout = 0.1  # fraction of examples whose prefix is "no condition" (guidance)
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-4 if kind == "maskgit" else 4.5e-4
+  c.optim.lr = optim["lr"]
   c.optim.warmup_steps = 5000
-  c.optim.weight_decay = 0.045 if kind == "maskgit" else 0.01
+  c.optim.weight_decay = optim["weight_decay"]
   c.optim.b1 = 0.9
-  c.optim.b2 = 0.96 if kind == "maskgit" else 0.95
+  c.optim.b2 = optim["b2"]
   c.optim.grad_clip = 1.0
 
   c.train = ml_collections.ConfigDict()
@@ -344,7 +380,7 @@ def transformer_config(kind: str) -> ml_collections.ConfigDict:
   c.eval.grid_images = 16  # 0 = no sample grids during training
   c.eval.num_samples = 50_000  # --mode=eval
   c.eval.reference_examples = 0  # val images in the reference statistics; 0 = the whole split
-  _fid_settings(c.eval)
+  add_fid_settings(c.eval)
   return c
 
 
@@ -360,7 +396,7 @@ def transformer_smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.
   c.train.log_every = 2
   c.train.checkpoint_every = 2
   c.tokenizer.config = "configs/demo.py"
-  c.tokenizer.workdir = "runs/demo"
+  c.tokenizer.workdir = "runs/demo/tokenizer"
   c.sample.num_images = 8
   c.sample.batch_size = 8
   c.eval.every_steps = 2
@@ -375,13 +411,15 @@ def transformer_smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.
 def validate_transformer_config(c: ml_collections.ConfigDict, num_devices: int,
                                 process_count: int = 1) -> None:
   m = c.model
-  if m.kind not in ("maskgit", "gpt"):
-    raise ConfigError(f"model.kind must be 'maskgit' or 'gpt', not {m.kind!r}.")
+  registry.OBJECTIVES.check(m.objective)
+  if not 0.0 <= m.cond_dropout <= 1.0:
+    raise ConfigError(f"model.cond_dropout={m.cond_dropout} must be in [0, 1].")
   if m.width % m.heads:
     raise ConfigError(f"model.heads={m.heads} does not divide model.width={m.width}.")
   if not c.tokens.dir:
     raise ConfigError("tokens.dir is empty: extract tokens with a tokenizer config and "
                       "--mode=tokenize, then pass --config.tokens.dir=<that folder>.")
+  validate_mesh(c)
   data_size = mesh_data_size(c, num_devices)
   for name, value in (("train.batch_size", c.train.batch_size),
                       ("eval.batch_size", c.eval.batch_size),
@@ -389,20 +427,4 @@ def validate_transformer_config(c: ml_collections.ConfigDict, num_devices: int,
     if value % (data_size * process_count):
       raise ConfigError(f"{name}={value} cannot be split over the mesh's data axis of size "
                         f"{data_size} and {process_count} process(es).")
-  _validate_fid(c.eval)
-
-
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/recipe.py[:variant]` -> its locked config, as --config would build it."""
-  import importlib.util
-  import os
-
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} not found (relative paths start at the current "
-                      "directory; run from the repository root or give an absolute path)")
-  module_spec = importlib.util.spec_from_file_location(
-      "vqjax_cfg_" + os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  validate_fid_settings(c.eval)

@@ -11,6 +11,9 @@
   [input | reconstruction | AR top-1] grid and its accuracy).
   Any config field can be overridden: --config.train.steps=50. Configs are
   locked, so a misspelt key stops here, before anything is built.
+  Pipeline configs (config.trainer='pipeline', e.g. configs/demo_pipeline.py)
+  run their stages in order in DIR/<stage>, skipping finished ones; they take
+  only --mode=train (see vqjax/train/pipeline.py).
 """
 
 from __future__ import annotations
@@ -40,48 +43,21 @@ def main(argv):
 
     jax.distributed.initialize()
   config = _CONFIG.value
-  if config.trainer not in ("tokenizer", "transformer"):
-    raise app.UsageError(f"config.trainer={config.trainer!r} is not one this version runs "
-                         "('tokenizer', 'transformer').")
-  modes = {"tokenizer": ("train", "eval", "tokenize"),
-           "transformer": ("train", "eval", "sample", "visualize")}
-  if _MODE.value not in modes[config.trainer]:
-    raise app.UsageError(f"--mode={_MODE.value} does not apply to a {config.trainer} config; "
-                         f"use one of {modes[config.trainer]}")
   from vqjax.config_lib import ConfigError
   from vqjax.data.sources import DataSetNotFoundError
   from vqjax.data.tokens import TokenStoreError
   from vqjax.eval.feature_stats import FIDError
-  from vqjax.train import loop, run
+  from vqjax.train import loop, modes, pipeline
 
   try:
-    if config.trainer == "transformer" and _MODE.value == "visualize":
-      from vqjax.train.visualize import visualize
-
-      visualize(config, _WORKDIR.value)
-    elif config.trainer == "transformer" and _MODE.value == "sample":
-      from vqjax.train.sample import sample
-
-      sample(config, _WORKDIR.value)
-    elif config.trainer == "transformer":
-      from vqjax.train import transformer
-
-      if _MODE.value == "eval":
-        transformer.evaluate(config, _WORKDIR.value)
-      else:
-        transformer.train(config, _WORKDIR.value)
-    elif _MODE.value == "train":
-      run.train_and_evaluate(config, _WORKDIR.value)
-    elif _MODE.value == "tokenize":
-      from vqjax.train.tokenize import tokenize
-
-      tokenize(config, _WORKDIR.value)
-    else:
-      run.evaluate(config, _WORKDIR.value)
-  except (ConfigError, DataSetNotFoundError, FIDError, TokenStoreError,
+    modes.run_mode(config, _WORKDIR.value, _MODE.value)
+  except (ConfigError, DataSetNotFoundError, FIDError, TokenStoreError, pipeline.PipelineError,
           loop.NonFiniteLossError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except pipeline.PipelineStopped as e:
+    print(f"stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def parse_flags(argv):

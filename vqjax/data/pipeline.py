@@ -9,13 +9,13 @@ share of the global batch.
 from __future__ import annotations
 
 import io
-import logging
 import threading
 
 import grain
 import numpy as np
 from PIL import Image
 
+from vqjax.console import warn
 from vqjax.data.sources import build_source
 
 
@@ -44,7 +44,7 @@ class Preprocess:
       except Exception as e:  # PIL raises several types for bad files
         with self._lock:
           self.num_corrupt += 1
-        logging.warning("skipping corrupt image %s (%s)", record.get("path", "?"), e)
+        warn(f"skipping corrupt image {record.get('path', '?')} ({e})")
         return None
     image = np.asarray(image)
     if image.ndim == 2 or image.shape[-1] == 1:

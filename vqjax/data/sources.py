@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 # The colour (RGB) sample images that ship inside scikit-image.
 EMBEDDED_IMAGES = (
@@ -65,17 +65,23 @@ def embedded_source(split: str, crops_per_image: int) -> FileImageSource:
   return FileImageSource(paths, [EMBEDDED_IMAGES.index(n) for n in names], crops_per_image)
 
 
+def image_paths(folder: str) -> list[str]:
+  """Every file with an image extension under `folder`, recursively, in sorted walk order."""
+  paths = []
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    paths.extend(os.path.join(root, f) for f in sorted(files)
+                 if f.lower().endswith(IMAGE_EXTENSIONS))
+  return paths
+
+
 def list_images(folder: str) -> tuple[list[str], list[int]]:
   """All images under `folder` (recursive, sorted); label = index of the top-level subfolder."""
   if not os.path.isdir(folder):
     raise DataSetNotFoundError(
         f"image folder {folder!r} does not exist: set config.data.folder to a directory "
         f"of {'/'.join(IMAGE_EXTENSIONS)} files (searched recursively).")
-  paths = []
-  for root, dirs, files in os.walk(folder):
-    dirs.sort()
-    paths.extend(os.path.join(root, f) for f in sorted(files)
-                 if f.lower().endswith(IMAGE_EXTENSIONS))
+  paths = image_paths(folder)
   if not paths:
     raise DataSetNotFoundError(
         f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {folder!r}: point "

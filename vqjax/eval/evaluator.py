@@ -20,14 +20,29 @@ import os
 
 import jax
 import numpy as np
-from absl import logging
 
+from vqjax.console import console, warn
+from vqjax.core.writers import image_grid, write_images, write_json
 from vqjax.data.pipeline import eval_batches
 from vqjax.eval import feature_stats as fs
 from vqjax.eval import inception_features as incf
+from vqjax.ops import quantize as vq
 from vqjax.train import partitioning
-from vqjax.train.loop import image_grid, write_images, write_json
-from vqjax.train.tokenizer import summarize_eval
+
+
+def summarize_eval(sums: dict) -> dict[str, float]:
+  """Per-batch sums -> means, codebook usage and perplexity over the pass."""
+  n = max(float(sums["count"]), 1.0)
+  counts = sums["code_counts"]
+  return {
+      "psnr": float(sums["psnr"]) / n,
+      "ssim": float(sums["ssim"]) / n,
+      "lpips": float(sums["lpips"]) / n,
+      "codebook_usage": float(vq.usage_fraction(counts)),
+      "perplexity": float(vq.perplexity(counts)),
+      "num_examples": int(n),
+  }
+
 
 IS_UNAVAILABLE = ("inception_score: not computed; the shipped FID Inception (default_1.pt) has "
                   "no logits head, only pool3 features")
@@ -63,7 +78,7 @@ class ReferenceStats:
       try:
         self.cached = incf.load_stats(self.path)
       except fs.FIDError as e:  # a half-written or damaged file: rebuild it in this pass
-        logging.warning("%s; recomputing it", e)
+        warn(f"{e}; recomputing it")
     self.building = None if self.cached else fs.RunningStats(incf.FEATURE_DIM,
                                                              config.eval.max_features)
 
@@ -72,7 +87,6 @@ class ReferenceStats:
       return self.cached
     if jax.process_index() == 0:
       incf.save_stats(self.path, self.building, self.description)
-      logging.info("cached reference statistics in %s", self.path)
     return incf.stats_dict(self.building)
 
 
@@ -139,7 +153,6 @@ def write_eval(writer, workdir: str, step: int, metrics: dict, grid: np.ndarray 
   path = os.path.join(workdir, f"eval_{step}.json")
   if jax.process_index() == 0:
     write_json(path, {"step": step, **metrics, **({"notes": notes} if notes else {})})
-  logging.info("eval at step %d: %s", step, metrics)
-  print(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in metrics.items()), flush=True)
+  console(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in metrics.items()))
   return path

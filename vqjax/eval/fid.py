@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from absl import app, flags, logging
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+from vqjax.data.sources import IMAGE_EXTENSIONS, image_paths
 
 _A = flags.DEFINE_string("a", None, "First image folder or statistics .npz.")
 _B = flags.DEFINE_string("b", None, "Second image folder or statistics .npz.")
@@ -34,13 +34,6 @@ _KID_SIZE = flags.DEFINE_integer("kid_subset_size", 1000, "KID: images per subse
 _PR = flags.DEFINE_bool("precision_recall", False, "Also k-NN (k=3) precision and recall.")
 _MAX_FEATURES = flags.DEFINE_integer("max_features", 50_000,
                                      "Raw features kept per set (KID, precision/recall).")
-
-
-def list_images(folder: str) -> list[str]:
-  paths = []
-  for root, _, files in os.walk(folder):
-    paths += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-  return sorted(paths)
 
 
 def load_image_299(path: str) -> np.ndarray:
@@ -121,7 +114,7 @@ def statistics(source: str, extractor, batch_size: int, max_features: int) -> di
   if not os.path.isdir(source):
     raise FIDError(f"{source} is neither an image folder nor an .npz file (of statistics, or "
                    "of images as --mode=sample writes)")
-  paths = list_images(source)
+  paths = image_paths(source)
   if len(paths) < 2:
     raise FIDError(f"{source} holds {len(paths)} images with extensions {IMAGE_EXTENSIONS}; "
                    "FID needs at least 2")

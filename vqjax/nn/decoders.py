@@ -1,36 +1,53 @@
-"""VQGAN convolutional decoder (SPEC section 1)."""
+"""VQGAN convolutional decoder (SPEC section 1), registered as decoder 'vqgan'.
+
+The decoder contract (every registered decoder keeps it):
+- `__call__(h, z_q)`: h [B, h, w, z_channels] the post-quant features, z_q
+  [B, h, w, d] the quantised codes (a decoder may condition on them, e.g.
+  MoVQ's spatially conditional normalisation) -> x_hat [B, H, W, out_channels].
+- `LAST_LAYER`: the name of its last layer's parameter subtree, whose input
+  it sows as `intermediates/last_features`, and `last_layer()`: an unbound
+  module equal to that layer, so the trainer can form the last layer's
+  gradient for the adaptive GAN weight without a second pass.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqjax.nn.layers import AttnBlock, ResBlock, Upsample, swish
+from vqjax import registry
+from vqjax.nn.encoders import check_widths
+from vqjax.nn.layers import AttnBlock, ResBlock, Upsample, conv, group_norm, swish
 
 
+@registry.DECODERS.register("vqgan", not_config=("out_channels", "dtype"))
 class Decoder(nn.Module):
-  """z_q [B, h, w, z_channels] -> x_hat [B, h f, w f, out_channels].
-
-  The input to the last conv is sown as `intermediates/last_features`, so a
-  caller can form the last layer's gradient for the adaptive GAN weight
-  without a second pass through the network.
-  """
+  """(h [B, h, w, C], z_q) -> x_hat [B, h f, w f, out_channels]; z_q is not used."""
 
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
   num_res_blocks: int = 2
   attn_resolutions: Sequence[int] = (16,)
-  out_channels: int = 3
   norm_groups: int = 32
+  out_channels: int = 3
   dtype: jnp.dtype = jnp.float32
 
+  LAST_LAYER: ClassVar[str] = "conv_out"
+
+  def last_layer(self) -> nn.Module:
+    return conv(self.out_channels, (3, 3), dtype=self.dtype, parent=None)
+
+  @staticmethod
+  def check_config(cfg) -> None:
+    check_widths("model.decoder", cfg.ch, cfg.ch_mult, cfg.norm_groups)
+
   @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
+  def __call__(self, z: jax.Array, z_q: jax.Array | None = None) -> jax.Array:
     width = self.ch * self.ch_mult[-1]
-    h = nn.Conv(width, (3, 3), dtype=self.dtype, name="conv_in")(z)
+    h = conv(width, (3, 3), dtype=self.dtype, name="conv_in")(z)
     h = ResBlock(width, self.norm_groups, self.dtype, name="mid_res0")(h)
     h = AttnBlock(self.norm_groups, self.dtype, name="mid_attn")(h)
     h = ResBlock(width, self.norm_groups, self.dtype, name="mid_res1")(h)
@@ -42,6 +59,6 @@ class Decoder(nn.Module):
           h = AttnBlock(self.norm_groups, self.dtype, name=f"up{level}_attn{i}")(h)
       if level != 0:
         h = Upsample(h.shape[-1], self.dtype, name=f"up{level}_sample")(h)
-    h = swish(nn.GroupNorm(self.norm_groups, name="norm_out")(h))
+    h = swish(group_norm(self.norm_groups, name="norm_out")(h))
     self.sow("intermediates", "last_features", h)
-    return nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+    return conv(self.out_channels, (3, 3), dtype=self.dtype, name=self.LAST_LAYER)(h)

@@ -1,4 +1,4 @@
-"""VQGAN convolutional encoder (SPEC section 1)."""
+"""VQGAN convolutional encoder (SPEC section 1), registered as encoder 'vqgan'."""
 
 from __future__ import annotations
 
@@ -8,23 +8,48 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vqjax.nn.layers import AttnBlock, Downsample, ResBlock, swish
+from vqjax import registry
+from vqjax.errors import ConfigError
+from vqjax.nn.layers import AttnBlock, Downsample, ResBlock, conv, group_norm, swish
 
 
+def check_widths(where: str, ch: int, ch_mult: Sequence[int], norm_groups: int) -> None:
+  """GroupNorm(norm_groups) must divide every level's width ch * mult (and ch)."""
+  widths = [ch * k for k in ch_mult] + [ch]
+  bad = [w for w in widths if w % norm_groups]
+  if bad:
+    raise ConfigError(f"{where}.norm_groups={norm_groups} does not divide channel width "
+                      f"{bad[0]} ({where}.ch={ch}, ch_mult={tuple(ch_mult)}).")
+
+
+@registry.ENCODERS.register("vqgan", not_config=("z_channels", "dtype"))
 class Encoder(nn.Module):
-  """x [B, H, W, 3] -> z [B, H/f, W/f, z_channels], f = 2^(len(ch_mult) - 1)."""
+  """x [B, H, W, 3] -> z [B, H/f, W/f, z_channels], f = 2^(len(ch_mult) - 1).
+
+  The tokenizer sets `z_channels` (its `model.z_channels`); the other fields
+  are the config's `model.encoder`.
+  """
 
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
   num_res_blocks: int = 2
   attn_resolutions: Sequence[int] = (16,)
-  z_channels: int = 256
   norm_groups: int = 32
+  z_channels: int = 256
   dtype: jnp.dtype = jnp.float32
+
+  @staticmethod
+  def downsampling(cfg) -> int:
+    """The factor f from the encoder's config."""
+    return 2 ** (len(cfg.ch_mult) - 1)
+
+  @staticmethod
+  def check_config(cfg) -> None:
+    check_widths("model.encoder", cfg.ch, cfg.ch_mult, cfg.norm_groups)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(x)
+    h = conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(x)
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
         h = ResBlock(self.ch * mult, self.norm_groups, self.dtype, name=f"down{level}_res{i}")(h)
@@ -36,5 +61,5 @@ class Encoder(nn.Module):
     h = ResBlock(width, self.norm_groups, self.dtype, name="mid_res0")(h)
     h = AttnBlock(self.norm_groups, self.dtype, name="mid_attn")(h)
     h = ResBlock(width, self.norm_groups, self.dtype, name="mid_res1")(h)
-    h = swish(nn.GroupNorm(self.norm_groups, name="norm_out")(h))
-    return nn.Conv(self.z_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+    h = swish(group_norm(self.norm_groups, name="norm_out")(h))
+    return conv(self.z_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)

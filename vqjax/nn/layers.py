@@ -1,10 +1,63 @@
-"""Convolutional building blocks shared by the VQGAN encoder and decoder."""
+"""Convolutional building blocks shared by the VQGAN encoder and decoder.
+
+Every parameter of the tokenizer side carries logical axis names
+(`flax.linen.with_logical_partitioning`), which the rules in `config.mesh`
+map to mesh axes (`vqjax.train.partitioning.param_shardings`):
+
+| parameter                      | logical axes                                          |
+|--------------------------------|-------------------------------------------------------|
+| conv kernel [kh, kw, in, out]  | (conv_height, conv_width, conv_in, conv_out)          |
+| conv bias, norm scale/bias [C] | (conv_out,): the channel axis of the activations      |
+| dense kernel [in, out]         | (embed_in, embed_out); its bias (embed_out,)          |
+| codebook-like [K, d]           | (codes, code_dim); per-code statistics (codes,)       |
+
+`conv`, `dense` and `group_norm` build the Flax layers with these names and
+Flax's default initialisers, so parameters and their values are those of
+plain `nn.Conv` / `nn.Dense` / `nn.GroupNorm`.
+"""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+CONV_KERNEL_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
+CHANNEL_AXES = ("conv_out",)
+DENSE_KERNEL_AXES = ("embed_in", "embed_out")
+CODEBOOK_AXES = ("codes", "code_dim")
+CODE_AXES = ("codes",)
+
+_kernel_init = nn.initializers.lecun_normal()  # Flax's default for Conv and Dense
+
+
+def named(init, axes: Sequence[str | None]):
+  """`init` whose result is boxed with the logical axis names `axes`."""
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def conv(features: int, kernel_size: Sequence[int], kernel_init=_kernel_init,
+         **kwargs) -> nn.Conv:
+  """A 2-D `nn.Conv` whose kernel and bias carry logical axis names."""
+  if len(kernel_size) != 2:
+    raise ValueError(f"conv takes a 2-D kernel size, got {tuple(kernel_size)}")
+  return nn.Conv(features, tuple(kernel_size), kernel_init=named(kernel_init, CONV_KERNEL_AXES),
+                 bias_init=named(nn.initializers.zeros, CHANNEL_AXES), **kwargs)
+
+
+def dense(features: int, in_axis: str = "embed_in", out_axis: str = "embed_out",
+          **kwargs) -> nn.Dense:
+  """`nn.Dense` with kernel axes (in_axis, out_axis) and bias axis (out_axis,)."""
+  return nn.Dense(features, kernel_init=named(_kernel_init, (in_axis, out_axis)),
+                  bias_init=named(nn.initializers.zeros, (out_axis,)), **kwargs)
+
+
+def group_norm(num_groups: int, **kwargs) -> nn.GroupNorm:
+  """`nn.GroupNorm` whose scale and bias carry the channel axis name."""
+  return nn.GroupNorm(num_groups, scale_init=named(nn.initializers.ones, CHANNEL_AXES),
+                      bias_init=named(nn.initializers.zeros, CHANNEL_AXES), **kwargs)
 
 
 def swish(x: jax.Array) -> jax.Array:
@@ -20,12 +73,12 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, H, W, C]
-    h = nn.GroupNorm(self.norm_groups, name="norm1")(x)
-    h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(swish(h))
-    h = nn.GroupNorm(self.norm_groups, name="norm2")(h)
-    h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(swish(h))
+    h = group_norm(self.norm_groups, name="norm1")(x)
+    h = conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(swish(h))
+    h = group_norm(self.norm_groups, name="norm2")(h)
+    h = conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(swish(h))
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="shortcut")(x)
+      x = conv(self.features, (1, 1), dtype=self.dtype, name="shortcut")(x)
     return x + h
 
 
@@ -38,14 +91,14 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, H, W, C]
     b, h, w, c = x.shape
-    y = nn.GroupNorm(self.norm_groups, name="norm")(x).reshape(b, h * w, c)
-    q = nn.Dense(c, dtype=self.dtype, name="q")(y)
-    k = nn.Dense(c, dtype=self.dtype, name="k")(y)
-    v = nn.Dense(c, dtype=self.dtype, name="v")(y)
+    y = group_norm(self.norm_groups, name="norm")(x).reshape(b, h * w, c)
+    q = dense(c, dtype=self.dtype, name="q")(y)
+    k = dense(c, dtype=self.dtype, name="k")(y)
+    v = dense(c, dtype=self.dtype, name="v")(y)
     logits = jnp.einsum("bqc,bkc->bqk", q, k) / jnp.sqrt(c).astype(q.dtype)
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     y = jnp.einsum("bqk,bkc->bqc", attn, v)
-    y = nn.Dense(c, dtype=self.dtype, name="proj")(y)
+    y = dense(c, dtype=self.dtype, name="proj")(y)
     return x + y.reshape(b, h, w, c)
 
 
@@ -57,7 +110,7 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Conv(
+    return conv(
         self.features, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), dtype=self.dtype
     )(x)
 
@@ -72,4 +125,4 @@ class Upsample(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
-    return nn.Conv(self.features, (3, 3), dtype=self.dtype)(x)
+    return conv(self.features, (3, 3), dtype=self.dtype)(x)

@@ -10,12 +10,15 @@
 |                | prior KL to uniform                                        |
 | `fq`           | FQ-GAN 3.1-3.2: EMA dictionary (Eq. 8), `propagate` flag    |
 
-Every quantiser returns a `QuantizerOutput`, so trainers never branch on the
-quantiser's name. The maths lives in `vqjax.ops.quantize` and
+Each registers under its name in `vqjax.registry.QUANTIZERS`; its dataclass
+fields are its config fields. Every quantiser returns a `QuantizerOutput`,
+so trainers never branch on the quantiser's name. The maths lives in `vqjax.ops.quantize` and
 `vqjax.ops.regularizers`; these modules hold state and draw randomness.
 
-Mutable state (EMA sums, usage counters, k-means flag, codebook shifts) lives
-in the collection `vq_stats` and changes only when the caller makes it
+Parameters and statistics carry logical axis names (`vqjax.nn.layers`):
+codebooks and EMA sums (codes, code_dim), per-code counts (codes,), the
+k-means flag none. Mutable state (EMA sums, usage counters, k-means flag,
+codebook shifts) lives in the collection `vq_stats` and changes only when the caller makes it
 mutable and passes `train=True`. Inside a jitted, sharded step the updates
 are computed from the global batch, so every device holds the same state.
 Random draws (Gumbel noise, masks, k-means seeds, restart picks) come from
@@ -24,14 +27,15 @@ the rng stream `quantizer`.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqjax import registry
+from vqjax.errors import ConfigError
+from vqjax.nn.layers import CODE_AXES, CODEBOOK_AXES, dense, named
 from vqjax.ops import quantize as vq
 from vqjax.ops import regularizers
 
@@ -58,6 +62,28 @@ def _usage_metrics(counts: jax.Array, error: jax.Array) -> dict:
           "quant_error": error}
 
 
+def check_quantizer_config(q) -> None:
+  """Value ranges of `config.model.quantizer` (whichever of these fields it has)."""
+  if q.embed_dim <= 0 or q.codebook_size <= 1:
+    raise ConfigError("model.quantizer.embed_dim must be > 0 and codebook_size > 1.")
+  checks = [
+      ("learning", lambda v: v in ("loss", "ema"), "'loss' or 'ema'"),
+      ("channels", lambda v: v >= 1 and q.embed_dim % v == 0,
+       f"a divisor of embed_dim={q.embed_dim}"),
+      ("restart_after", lambda v: v >= 0, ">= 0 (0 turns restarts off)"),
+      ("kmeans_iters", lambda v: v >= 1, ">= 1"),
+      ("entropy_weight", lambda v: v >= 0, ">= 0"),
+      ("mask_ratio", lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+      ("temperature", lambda v: v > 0, "> 0"),
+      ("decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+      ("ema_decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+  ]
+  for field, ok, wanted in checks:
+    if field in q and not ok(q[field]):
+      raise ConfigError(f"model.quantizer.{field}={q[field]!r} must be {wanted}.")
+
+
+@registry.QUANTIZERS.register("vq")
 class VectorQuantizer(nn.Module):
   """Nearest-code quantiser (VQ-VAE / VQGAN) and its usage-improving options.
 
@@ -105,22 +131,29 @@ class VectorQuantizer(nn.Module):
   def setup(self):
     shape = (self.codebook_size, self.code_dim())
     if self.learning == "loss":
-      self.codebook_param = self.param("codebook", uniform_codebook_init, shape)
+      self.codebook_param = self.param("codebook", named(uniform_codebook_init, CODEBOOK_AXES),
+                                       shape)
       if self.kmeans_init or self.restart_after > 0:
-        self.codebook_shift = self.variable("vq_stats", "codebook_shift", jnp.zeros, shape)
+        self.codebook_shift = self.variable("vq_stats", "codebook_shift",
+                                            named(jnp.zeros, CODEBOOK_AXES), shape)
     elif self.learning == "ema":
       self.codebook_var = self.variable(
-          "vq_stats", "codebook", lambda: uniform_codebook_init(self.make_rng("params"), shape))
-      self.embed_sum = self.variable("vq_stats", "embed_sum", lambda: self.codebook_var.value)
+          "vq_stats", "codebook",
+          named(lambda: uniform_codebook_init(self.make_rng("params"), shape), CODEBOOK_AXES))
+      self.embed_sum = self.variable("vq_stats", "embed_sum",
+                                     named(lambda: self.codebook_var.value, CODEBOOK_AXES))
       self.cluster_size = self.variable(
-          "vq_stats", "cluster_size", lambda: jnp.ones((self.codebook_size,), jnp.float32))
+          "vq_stats", "cluster_size",
+          named(lambda: jnp.ones((self.codebook_size,), jnp.float32), CODE_AXES))
     else:
       raise ValueError(f"quantizer.learning must be 'loss' or 'ema', got {self.learning!r}")
     if self.kmeans_init:
-      self.initialized = self.variable("vq_stats", "initialized", jnp.zeros, (), jnp.int32)
+      self.initialized = self.variable("vq_stats", "initialized", named(jnp.zeros, ()), (),
+                                       jnp.int32)
     if self.restart_after > 0:
       self.unused_steps = self.variable(
-          "vq_stats", "unused_steps", jnp.zeros, (self.codebook_size,), jnp.int32)
+          "vq_stats", "unused_steps", named(jnp.zeros, CODE_AXES), (self.codebook_size,),
+          jnp.int32)
 
   def raw_codebook(self) -> jax.Array:
     """The stored codebook [K, d'] (before l2 normalisation)."""
@@ -223,6 +256,7 @@ class VectorQuantizer(nn.Module):
     return self.from_vectors(vq.lookup(indices, self.codebook()))
 
 
+@registry.QUANTIZERS.register("multichannel")
 class MultichannelQuantizer(VectorQuantizer):
   """MoVQ 3.1: z [..., n_z] is cut into `channels` chunks of n_z / c along the
   channel axis, each quantised with the same codebook [K, n_z / c]; tokens
@@ -244,6 +278,7 @@ class MultichannelQuantizer(VectorQuantizer):
     return vq.merge_channels(v)
 
 
+@registry.QUANTIZERS.register("regvq")
 class RegVQQuantizer(nn.Module):
   """Reg-VQ (3.1-3.2): a 1x1 head gives token logits P [B, h, w, K]; a
   Bernoulli(mask_ratio) mask picks the positions whose token is Gumbel-
@@ -263,8 +298,8 @@ class RegVQQuantizer(nn.Module):
   prior_weight: float = 1.0
 
   def setup(self):
-    self.logits_head = nn.Dense(self.codebook_size)  # a 1x1 conv
-    self.codebook_param = self.param("codebook", uniform_codebook_init,
+    self.logits_head = dense(self.codebook_size, "code_dim", "codes")  # a 1x1 conv
+    self.codebook_param = self.param("codebook", named(uniform_codebook_init, CODEBOOK_AXES),
                                      (self.codebook_size, self.embed_dim))
 
   def codebook(self) -> jax.Array:
@@ -295,6 +330,7 @@ class RegVQQuantizer(nn.Module):
     return vq.lookup(indices, self.codebook_param)
 
 
+@registry.QUANTIZERS.register("fq")
 class FeatureQuantizer(nn.Module):
   """FQ-GAN (3.1-3.2): nearest-neighbour look-up of features h [..., C] in a
   dictionary E [K, C] that follows the momentum update of Eq. 8 (decay
@@ -314,9 +350,11 @@ class FeatureQuantizer(nn.Module):
   def setup(self):
     shape = (self.codebook_size, self.embed_dim)
     self.dictionary = self.variable(
-        "vq_stats", "dictionary", lambda: jax.random.normal(self.make_rng("params"), shape))
-    self.embed_sum = self.variable("vq_stats", "embed_sum", jnp.zeros, shape)
-    self.cluster_size = self.variable("vq_stats", "cluster_size", jnp.zeros,
+        "vq_stats", "dictionary",
+        named(lambda: jax.random.normal(self.make_rng("params"), shape), CODEBOOK_AXES))
+    self.embed_sum = self.variable("vq_stats", "embed_sum", named(jnp.zeros, CODEBOOK_AXES),
+                                   shape)
+    self.cluster_size = self.variable("vq_stats", "cluster_size", named(jnp.zeros, CODE_AXES),
                                       (self.codebook_size,))
 
   def codebook(self) -> jax.Array:
@@ -344,37 +382,5 @@ class FeatureQuantizer(nn.Module):
     return vq.lookup(indices, self.dictionary.value)
 
 
-QUANTIZERS: dict[str, Callable[..., nn.Module]] = {
-    "vq": VectorQuantizer,
-    "multichannel": MultichannelQuantizer,
-    "regvq": RegVQQuantizer,
-    "fq": FeatureQuantizer,
-}
-
-
-def quantizer_fields(name: str) -> dict:
-  """The config fields of quantizer `name` with their defaults (its dataclass fields)."""
-  if name not in QUANTIZERS:
-    raise ValueError(f"unknown quantizer {name!r}; choose one of {sorted(QUANTIZERS)}")
-  return {f.name: f.default for f in dataclasses.fields(QUANTIZERS[name])
-          if f.name not in ("parent", "name")}
-
-
-def check_quantizer_fields(cfg) -> None:
-  """Raise ValueError naming the nearest field if cfg has one the quantizer lacks."""
-  kwargs = dict(cfg)
-  name = kwargs.pop("name")
-  known = quantizer_fields(name)
-  for key in kwargs:
-    if key not in known:
-      near = difflib.get_close_matches(key, list(known), n=1)
-      hint = f' Did you mean "{near[0]}"?' if near else ""
-      raise ValueError(f"model.quantizer.{key} is not a field of quantizer {name!r} "
-                       f"(fields: {', '.join(sorted(known))}).{hint}")
-
-
-def build_quantizer(cfg) -> nn.Module:
-  """Quantiser from `config.model.quantizer` (a ConfigDict with a `name`)."""
-  check_quantizer_fields(cfg)
-  kwargs = dict(cfg)
-  return QUANTIZERS[kwargs.pop("name")](**kwargs)
+for _quantizer in (VectorQuantizer, RegVQQuantizer, FeatureQuantizer):
+  _quantizer.check_config = staticmethod(check_quantizer_config)

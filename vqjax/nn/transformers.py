@@ -3,7 +3,7 @@
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`,
 `vocab`; `None` for position tables), so a rule list such as
 `(("mlp", "model"), ("heads", "model"), ("vocab", "model"))` shards them over
-the mesh's `model` axis (`vqjax.train.partitioning.logical_shardings`).
+the mesh's `model` axis (`vqjax.train.partitioning.param_shardings`).
 
 The KV cache is explicit state: `GPT.init_cache` makes it and every call
 that takes it returns the updated one, so decoding is a pure function of
@@ -131,9 +131,10 @@ class Trunk(nn.Module):
 class MaskGITTransformer(nn.Module):
   """Bidirectional transformer over [B, N] tokens (or [B, N, c] multichannel, MoVQ 3.2).
 
-  Input vocabulary: codes 0..K-1, the mask token K, and with `num_classes`
-  the class tokens K+1+label (label `num_classes` is the "no class" token
-  used for classifier-free guidance). The class token is prepended; the
+  Input vocabulary: codes 0..K-1, the mask token K, and with `num_conditions`
+  V > 0 the condition ids K+1+v for v in 0..V (v = V is "no condition", used
+  for classifier-free guidance). A prefix of `cond_len` condition ids is
+  prepended (MaskGIT's class token, Chang et al. 2022, is cond_len = 1); the
   output head is tied to the code embeddings and returns [B, N, K] logits,
   or [B, N, c, K] for multichannel tokens, whose c index embeddings are
   concatenated and projected into one input vector per position.
@@ -141,7 +142,8 @@ class MaskGITTransformer(nn.Module):
   codebook_size: int
   seq_len: int
   channels: int = 1
-  num_classes: int = 0
+  num_conditions: int = 0
+  cond_len: int = 1
   width: int = 768
   depth: int = 24
   heads: int = 12
@@ -154,12 +156,27 @@ class MaskGITTransformer(nn.Module):
     return self.codebook_size
 
   @property
+  def prefix_len(self) -> int:
+    return self.cond_len if self.num_conditions else 0
+
+  @property
   def vocab_size(self) -> int:
-    return self.codebook_size + 1 + (self.num_classes + 1 if self.num_classes else 0)
+    return self.codebook_size + 1 + (self.num_conditions + 1 if self.num_conditions else 0)
+
+  def prefix_ids(self, cond):
+    """[B] labels or [B, cond_len] condition ids (None: "no condition") -> [B, P] input ids."""
+    if cond is None:
+      return None
+    cond = cond[:, None] if cond.ndim == 1 else cond
+    if cond.shape[1] != self.cond_len:
+      raise ValueError(f"condition prefix of length {cond.shape[1]}, the model takes "
+                       f"cond_len={self.cond_len}")
+    return self.codebook_size + 1 + cond
 
   @nn.compact
-  def __call__(self, tokens, labels=None, train: bool = False):
-    k, w = self.codebook_size, self.width
+  def __call__(self, tokens, cond=None, train: bool = False):
+    """[B, N(, c)] tokens (masked entries = `mask_id`) and their condition -> logits."""
+    k, w, p = self.codebook_size, self.width, self.prefix_len
     table = self.param("token_embedding", _p(_embed_init, ("vocab", "embed")),
                        (self.vocab_size, w))
     if self.channels > 1:
@@ -169,16 +186,15 @@ class MaskGITTransformer(nn.Module):
                    bias_init=_p(nn.initializers.zeros, ("embed",)), name="combine")(x)
     else:
       x = jnp.take(table, tokens, axis=0)
-    if self.num_classes:
-      if labels is None:
-        labels = jnp.full(tokens.shape[:1], self.num_classes, jnp.int32)
-      x = jnp.concatenate([jnp.take(table, k + 1 + labels, axis=0)[:, None], x], axis=1)
-    pos = self.param("pos_embedding", _p(_embed_init, (None, "embed")), (x.shape[1], w))
+    if p:
+      if cond is None:
+        cond = jnp.full((tokens.shape[0], p), self.num_conditions, jnp.int32)
+      x = jnp.concatenate([jnp.take(table, self.prefix_ids(cond), axis=0), x], axis=1)
+    pos = self.param("pos_embedding", _p(_embed_init, (None, "embed")), (p + self.seq_len, w))
     x = nn.Dropout(self.dropout, deterministic=not train)(_layer_norm("ln_in")(x + pos))
     x, _ = Trunk(self.depth, self.heads, self.mlp_dim, False, self.dropout, self.dtype,
                  name="trunk")(x, train=train)
-    if self.num_classes:
-      x = x[:, 1:]
+    x = x[:, p:]
     h = nn.Dense(w * self.channels, dtype=self.dtype, name="head",
                  kernel_init=_p(_dense_init, ("embed", "mlp")),
                  bias_init=_p(nn.initializers.zeros, ("mlp",)))(x)

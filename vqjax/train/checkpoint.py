@@ -37,3 +37,20 @@ def restore(manager: ocp.CheckpointManager, step: int, state_template, with_data
     args["data"] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**args))
   return restored["state"], (restored["data"] if with_data else None)
+
+
+def restore_tree(workdir: str, step: int = -1) -> tuple[dict, int]:
+  """(the saved state as a nested dict of host arrays, its step) from another run's
+  checkpoint (`step` -1 = the latest); FileNotFoundError when there is none."""
+  manager = make_manager(workdir, 1, async_save=False)
+  steps = list(manager.all_steps())
+  chosen = (max(steps) if steps else None) if step < 0 else step
+  if chosen is None or chosen not in steps:
+    manager.close()
+    raise FileNotFoundError(
+        f"no checkpoint{'' if step < 0 else f' at step {step}'} in "
+        f"{os.path.join(workdir, 'checkpoints')} (steps there: {sorted(steps)}): train that "
+        "run first, or fix init_from.workdir / init_from.step")
+  restored = manager.restore(chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  return restored["state"], chosen

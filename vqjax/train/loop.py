@@ -7,7 +7,6 @@ step loop; a trainer brings its jitted step, its data iterator and hooks
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -16,10 +15,10 @@ from typing import Callable, Iterable
 
 import jax
 import numpy as np
-from absl import logging
-from clu import metric_writers, periodic_actions
-from PIL import Image
+from clu import periodic_actions
 
+from vqjax.console import console, warn
+from vqjax.core.writers import flat_dict, make_writer, write_json
 from vqjax.train import checkpoint, partitioning
 
 # hook(step, state, host_batch, device_batch), called after every step.
@@ -40,7 +39,7 @@ class StopRequest:
     return self
 
   def _handle(self, signum, frame):
-    logging.warning("received signal %d: saving a checkpoint and stopping", signum)
+    warn(f"received signal {signum}: saving a checkpoint and stopping")
     self.event.set()
 
   def uninstall(self) -> None:
@@ -70,8 +69,8 @@ class NonFiniteGuard:
     if metrics.get("nonfinite", 0.0) > 0:
       self.consecutive += 1
       self.total += 1
-      logging.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                      step, self.consecutive)
+      warn(f"step {step}: non-finite loss or gradient, update skipped "
+           f"({self.consecutive} in a row)")
       if self.consecutive >= self.limit:
         raise NonFiniteLossError(
             f"{self.consecutive} consecutive non-finite steps ending at step {step}; updates "
@@ -100,48 +99,8 @@ class ProgressLine:
     eta = (self.total - step) / max(rate, 1e-9)
     line = (f"step {step}/{self.total} | loss {loss:.4f} | {rate:.2f} steps/s | "
             f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
-    print(line, flush=True)
+    console(line)
     return line
-
-
-def image_grid(columns: list[np.ndarray], max_rows: int = 8) -> np.ndarray:
-  """Side-by-side columns of [B, H, W, 3] images in [-1, 1] -> uint8 [rows*H, cols*W, 3]."""
-  rows = min(max_rows, columns[0].shape[0])
-  tiles = [np.concatenate([np.asarray(col[r]) for col in columns], axis=1) for r in range(rows)]
-  grid = np.concatenate(tiles, axis=0)
-  return np.clip((grid + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-
-
-def write_images(writer, workdir: str, step: int, name: str, grid: np.ndarray) -> str:
-  """TensorBoard image and `workdir/images/<name>_<step>.png`."""
-  writer.write_images(step, {name: grid[None]})
-  folder = os.path.join(workdir, "images")
-  os.makedirs(folder, exist_ok=True)
-  path = os.path.join(folder, f"{name}_{step:07d}.png")
-  Image.fromarray(grid).save(path)
-  return path
-
-
-def make_writer(workdir: str, is_main_process: bool):
-  return metric_writers.create_default_writer(workdir, just_logging=not is_main_process)
-
-
-def write_json(path: str, payload: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def flat_dict(d: dict, prefix: str = "") -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}."""
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(flat_dict(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def mean_metrics(history: list[dict]) -> dict[str, float]:
@@ -180,7 +139,7 @@ class TrainRun:
     if latest is not None:
       state, data_state = checkpoint.restore(self.manager, latest, state)
       data_iter.set_state(data_state)
-      print(f"resumed from checkpoint at step {latest} in {self.workdir}", flush=True)
+      console(f"resumed from checkpoint at step {latest} in {self.workdir}")
       return state
     if self.is_main:
       write_json(os.path.join(self.workdir, "config.json"), self.config.to_dict())
@@ -234,5 +193,5 @@ class TrainRun:
       self.writer.flush()
       stop.uninstall()
     if stop:
-      print(f"stopped at step {step}; checkpoint saved in {self.workdir}/checkpoints", flush=True)
+      console(f"stopped at step {step}; checkpoint saved in {self.workdir}/checkpoints")
     return state

@@ -1,19 +1,23 @@
 """Device mesh and shardings (DESIGN principle 5).
 
-A `Mesh` with axes ('data', 'model'). Batches are split over `data`;
-parameters are replicated or have their output-channel axis split over
-`model` (config.mesh.param_sharding). The compiler inserts the collectives.
+A `Mesh` with axes ('data', 'model'). Batches are split over `data`.
+Parameters carry logical axis names (`vqjax.nn.layers`,
+`vqjax.nn.transformers`); `param_shardings` places them, and the optimiser
+states that mirror them, for both trainers by `config.mesh.param_sharding`
+('replicate', 'channels' or 'fsdp') and the logical -> mesh rules
+`config.mesh.rules`. The compiler inserts the collectives.
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqjax.config_lib import mesh_data_size
+from vqjax.config_lib import PARAM_SHARDING_MODES, mesh_data_size
 
 
 def make_mesh(config, devices=None) -> Mesh:
@@ -21,21 +25,6 @@ def make_mesh(config, devices=None) -> Mesh:
   data = mesh_data_size(config, len(devices))
   grid = mesh_utils.create_device_mesh((data, config.mesh.model), devices=devices)
   return Mesh(grid, ("data", "model"))
-
-
-def param_partition_spec(x, mode: str, model_size: int) -> P:
-  """PartitionSpec of one parameter (or optimizer-state leaf) under `mode`."""
-  shape = np.shape(x)
-  if mode == "channels" and len(shape) >= 2 and model_size > 1 and shape[-1] % model_size == 0:
-    return P(*([None] * (len(shape) - 1)), "model")
-  return P()
-
-
-def tree_shardings(mesh: Mesh, tree, mode: str):
-  """NamedSharding for every leaf of a (possibly abstract) pytree."""
-  model_size = mesh.shape["model"]
-  return jax.tree.map(lambda x: NamedSharding(mesh, param_partition_spec(x, mode, model_size)),
-                      tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -54,25 +43,66 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
                       batch)
 
 
-def logical_shardings(mesh: Mesh, abstract_boxed, rules) -> object:
-  """NamedShardings for a tree of logically partitioned (boxed) leaves under `rules`.
+def param_shardings(mesh: Mesh, abstract_boxed, mode: str, rules=()) -> object:
+  """NamedShardings for a (possibly abstract) state whose parameters carry logical axis names.
 
-  A dimension whose size the mapped mesh axes do not divide (e.g. a
-  vocabulary of K + classes + 1 rows) stays replicated instead of failing.
+  Every leaf boxed with logical names (`flax.linen.Partitioned`: parameters,
+  model statistics, and the copies of them that optax keeps in optimiser
+  states, which inherit the boxes) is placed by `mode`
+  (`config.mesh.param_sharding`):
+  - 'replicate': on every device;
+  - 'channels': each named axis on the mesh axes `rules` map it to
+    (`config.mesh.rules`; by default the output-channel-like axes conv_out,
+    embed_out, mlp, heads and vocab go over `model`, the rest is whole);
+  - 'fsdp': as 'channels', and in addition the largest remaining axis whose
+    size the `data` axis divides (the later one on a tie) is split over
+    `data`, unless a rule already put one of its axes there.
+  An axis whose size its mesh axes do not divide stays replicated (e.g. a
+  vocabulary of K + classes + 1 rows). Unboxed leaves (step, rng, optimiser
+  step counts, running loss statistics) are replicated. The result has the
+  structure of the unboxed tree: a prefix of the boxed one, so it serves as
+  `in_shardings`/`out_shardings` for either.
+
+  Raises ValueError for an unknown mode, or (outside 'replicate') a leaf with
+  a logical axis name that `rules` does not mention.
   """
-  import flax.linen as nn
+  if mode not in PARAM_SHARDING_MODES:
+    raise ValueError(f"param sharding mode must be one of {PARAM_SHARDING_MODES}, "
+                     f"not {mode!r}")
+  rules = tuple(map(tuple, rules))
+  known = {name for name, _ in rules}
+  data_size = mesh.shape["data"]
+  is_box = lambda x: isinstance(x, nn.Partitioned)
 
-  specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), tuple(map(tuple, rules)))
-  spec_leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: isinstance(x, P))
-  arrays = jax.tree.leaves(nn.unbox(abstract_boxed))
-
-  def fit(x, spec: P) -> NamedSharding:
-    dims = list(spec) + [None] * (len(x.shape) - len(spec))
+  def place(path, x) -> NamedSharding:
+    if not is_box(x) or mode == "replicate":
+      return NamedSharding(mesh, P())
+    missing = [n for n in x.names if n is not None and n not in known]
+    if missing:
+      raise ValueError(f"logical axis {missing[0]!r} of {jax.tree_util.keystr(path)} has no "
+                       f"rule in config.mesh.rules {rules}: add ({missing[0]!r}, None) to "
+                       "replicate it, or map it to a mesh axis.")
+    shape = x.value.shape
+    dims = list(nn.logical_to_mesh_axes(x.names, rules))
+    dims += [None] * (len(shape) - len(dims))
     for i, axes in enumerate(dims):
-      names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-      if names and x.shape[i] % int(np.prod([mesh.shape[n] for n in names])):
+      if axes is not None and shape[i] % _axes_size(mesh, axes):
         dims[i] = None
+    used = {a for axes in dims if axes is not None for a in _axis_names(axes)}
+    if mode == "fsdp" and data_size > 1 and "data" not in used:
+      free = [i for i, axes in enumerate(dims) if axes is None and shape[i] % data_size == 0]
+      if free:
+        dims[max(free, key=lambda i: (shape[i], i))] = "data"
     return NamedSharding(mesh, P(*dims))
 
-  return jax.tree.unflatten(treedef, [fit(x, s) for x, s in zip(arrays, spec_leaves,
-                                                                  strict=True)])
+  return jax.tree_util.tree_map_with_path(place, abstract_boxed, is_leaf=is_box)
+
+
+def _axis_names(axes) -> tuple[str, ...]:
+  """A PartitionSpec entry ('model' or ('data', 'model')) as a tuple of mesh axis names."""
+  return axes if isinstance(axes, tuple) else (axes,)
+
+
+def _axes_size(mesh: Mesh, axes) -> int:
+  """The number of devices a PartitionSpec entry splits an axis into."""
+  return int(np.prod([mesh.shape[a] for a in _axis_names(axes)]))

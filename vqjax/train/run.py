@@ -12,12 +12,23 @@ import numpy as np
 from clu import parameter_overview, periodic_actions
 
 from vqjax.config_lib import validate_tokenizer_config
+from vqjax.console import console
+from vqjax.core import trees
+from vqjax.core.writers import image_grid, make_writer, write_images
 from vqjax.data.pipeline import train_dataset
 from vqjax.eval.evaluator import IS_UNAVAILABLE, evaluate_tokenizer, write_eval
 from vqjax.eval.inception_features import InceptionExtractor
+from vqjax.losses.terms import Perceptual
 from vqjax.train import checkpoint, partitioning
-from vqjax.train.loop import StopRequest, TrainRun, every, image_grid, make_writer, write_images
-from vqjax.train.tokenizer import build_models, init_state, make_eval_step, make_train_step
+from vqjax.train.loop import StopRequest, TrainRun, every
+from vqjax.train.tokenizer import (
+  build_models,
+  init_boxed_state,
+  init_state,
+  make_eval_step,
+  make_train_step,
+  tokenizer_variables,
+)
 from vqjax.weights.lpips_vgg16 import load_lpips_params
 
 
@@ -29,7 +40,8 @@ class Setup:
   mesh: object
   state: object
   state_shardings: object
-  lpips_params: object
+  lpips_params: object  # the eval metric's network
+  term_params: dict  # loss-term label -> its fixed network's params (replicated)
   train_step: Callable
   eval_step: Callable
   inception: InceptionExtractor | None
@@ -49,13 +61,16 @@ def setup(config, devices=None) -> Setup:
   validate_tokenizer_config(config, len(devices), jax.process_count())
   mesh = partitioning.make_mesh(config, devices)
   models = build_models(config)
-  mode = config.mesh.param_sharding
   rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(lambda r: init_state(models, config, r), rng)
-  shardings = partitioning.tree_shardings(mesh, abstract, mode)
+  abstract = jax.eval_shape(lambda r: init_boxed_state(models, config, r), rng)
+  shardings = partitioning.param_shardings(mesh, abstract, config.mesh.param_sharding,
+                                           config.mesh.rules)
   state = jax.jit(lambda r: init_state(models, config, r), out_shardings=shardings)(rng)
   rep = partitioning.replicated(mesh)
   lpips_params = jax.device_put(load_lpips_params(), rep)
+  term_params = {label: lpips_params if isinstance(term, Perceptual) else
+                 jax.device_put(term.load_params(), rep)
+                 for label, term in models.terms.items() if term.weight}
   batch_sh = partitioning.batch_sharding(mesh)
   train_step = jax.jit(
       make_train_step(models, config),
@@ -65,8 +80,8 @@ def setup(config, devices=None) -> Setup:
       in_shardings=(shardings.params, shardings.vq_stats, batch_sh, rep),
       out_shardings=(rep, batch_sh))
   inception = InceptionExtractor(mesh) if config.eval.fid else None
-  return Setup(config, models, mesh, state, shardings, lpips_params, train_step, eval_step,
-               inception)
+  return Setup(config, models, mesh, state, shardings, lpips_params, term_params, train_step,
+               eval_step, inception)
 
 
 def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
@@ -81,24 +96,24 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
   r = TrainRun(config, workdir)
   dataset, preprocess = train_dataset(config, jax.process_index(), jax.process_count())
   data_iter = iter(dataset)
+  fresh = r.manager.latest_step() is None
   state = r.resume(s.state, data_iter)
+  if fresh and config.init_from.workdir:
+    state = init_from(config.init_from, state, s.state_shardings)
   if r.is_main:
     with open(os.path.join(workdir, "parameters.txt"), "w") as f:
       f.write(parameter_overview.get_parameter_overview(state.params) + "\n")
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   n_disc = sum(x.size for x in jax.tree.leaves(state.disc_params))
-  print(f"VQGAN {n_params:,} parameters, discriminator {n_disc:,}; mesh "
+  console(f"VQGAN {n_params:,} parameters, discriminator {n_disc:,}; mesh "
         f"{dict(s.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
-        f"per-parameter table in {workdir}/parameters.txt",
-        flush=True)
+        f"per-parameter table in {workdir}/parameters.txt")
   total = config.train.steps
   if int(state.step) == 0 and config.eval.at_start:
     write_eval(r.writer, workdir, 0, *s.evaluate(state), notes=s.notes)
 
   def reconstructions(step, state, batch, device_batch):
-    x_hat, _ = s.models.vqgan.apply(
-        {"params": state.params, **({"vq_stats": state.vq_stats} if state.vq_stats else {})},
-        device_batch["image"])
+    x_hat, _ = s.models.vqgan.apply(tokenizer_variables(state), device_batch["image"])
     write_images(r.writer, workdir, step, "reconstructions",
                  image_grid([batch["image"], np.asarray(jax.device_get(x_hat))]))
 
@@ -112,10 +127,24 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
     current["state"] = state
     periodic_eval(step)
 
-  return r.run(state, data_iter, lambda st, b: s.train_step(st, b, s.lpips_params), s.mesh,
+  return r.run(state, data_iter, lambda st, b: s.train_step(st, b, s.term_params), s.mesh,
                hooks=[every(config.train.image_every, total, reconstructions), evaluation],
                scalars=lambda: {"data/corrupt_images": preprocess.num_corrupt},
                stop=stop, after_step=after_step)
+
+
+def init_from(cfg, state, shardings):
+  """`state` with the leaves matching `cfg.patterns` copied from `cfg.workdir`'s checkpoint.
+
+  Only model leaves (params, vq_stats, disc_params, disc_stats) are copied;
+  step, optimiser states and rng start fresh.
+  """
+  source, step = checkpoint.restore_tree(cfg.workdir, cfg.step)
+  models = {k: getattr(state, k) for k in ("params", "vq_stats", "disc_params", "disc_stats")}
+  copied, names = trees.copy_matching(models, {k: source.get(k, {}) for k in models},
+                                      tuple(cfg.patterns), f"{cfg.workdir} (step {step})")
+  console(f"init_from: copied {len(names)} arrays from {cfg.workdir} at step {step}")
+  return jax.device_put(state.replace(**copied), shardings)
 
 
 def restore_for_eval(config, workdir: str, s: Setup):

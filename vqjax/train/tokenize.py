@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
+from vqjax.console import console
 from vqjax.data.pipeline import eval_batches
 from vqjax.data.tokens import TokenStoreWriter
 from vqjax.eval.inception_features import data_description, progress_bar
 from vqjax.nn.vqgan import VQGAN
 from vqjax.train import partitioning
+from vqjax.train.tokenizer import tokenizer_variables
 
 
 def token_dir(config, workdir: str) -> str:
@@ -40,7 +42,7 @@ def tokenize(config, workdir: str) -> str:
   s = setup(config)
   state, step = restore_for_eval(config, workdir, s)
   t = config.tokenize
-  variables = {"params": state.params, **({"vq_stats": state.vq_stats} if state.vq_stats else {})}
+  variables = tokenizer_variables(state)
   batch_sh = partitioning.batch_sharding(s.mesh)
   encode = jax.jit(lambda v, x: s.models.vqgan.apply(v, x, method=VQGAN.encode).indices,
                    out_shardings=batch_sh)
@@ -52,12 +54,11 @@ def tokenize(config, workdir: str) -> str:
       source={"data": data_description(config, t.split), "checkpoint_step": int(step),
               "tokenizer_workdir": os.path.abspath(workdir)})
   if writer.complete:
-    print(f"token store in {folder} is already complete ({writer.num_done} examples)",
-          flush=True)
+    console(f"token store in {folder} is already complete ({writer.num_done} examples)")
     return folder
   done = writer.num_done
   if done:
-    print(f"resuming token extraction after {done} stored examples", flush=True)
+    console(f"resuming token extraction after {done} stored examples")
   total = t.max_examples or None
   with progress_bar(total, f"tokenize {t.split}") as bar:
     bar.update(done)
@@ -69,5 +70,5 @@ def tokenize(config, workdir: str) -> str:
       writer.add(indices[:n], batch["label"][:n])
       bar.update(n)
   writer.finish()
-  print(f"wrote {writer.num_done} token maps of shape {tuple(shape)} to {folder}", flush=True)
+  console(f"wrote {writer.num_done} token maps of shape {tuple(shape)} to {folder}")
   return folder

@@ -1,9 +1,12 @@
-"""VQGAN tokenizer training: one jitted step updates generator and discriminator.
+"""Tokenizer training: one jitted step updates generator and discriminator.
 
-Generator loss (SPEC 1):  l1 |x - x_hat| + w_p LPIPS(x, x_hat) + w_q L_vq
-                          + [step >= disc_start] disc_weight * lambda * L_G
-with lambda the adaptive weight from the decoder's last-layer gradients.
-Discriminator loss: hinge, from `disc_start` on.
+Generator loss (SPEC section 1):
+    sum_terms w_t L_t(x, x_hat) + w_q L_vq + [step >= disc_start] disc_weight * lambda * L_G
+with the terms of `config.loss.terms`, L_G the generator side of the GAN loss
+`config.loss.gan`, and lambda the adaptive weight from the gradients at the
+decoder's declared last layer (VQGAN, Esser et al. 2021, Eq. 7).
+Discriminator loss from `disc_start` on: the GAN loss, the discriminator's
+own extra losses, and optionally R1 and LeCam.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vqjax.nn.discriminators import PatchDiscriminator
+from vqjax import registry
+from vqjax.core import trees
+from vqjax.losses import gan as gan_lib
+from vqjax.losses.adaptive import last_layer_grad
+from vqjax.losses.terms import build_terms, total_loss
 from vqjax.nn.vgg import LPIPS
 from vqjax.nn.vqgan import VQGAN
 from vqjax.ops import losses
-from vqjax.ops import quantize as vq
 from vqjax.ops.metrics import psnr, ssim
 from vqjax.train.state import TokenizerState
 
@@ -29,102 +35,127 @@ sg = jax.lax.stop_gradient
 class TokenizerModels(NamedTuple):
   vqgan: nn.Module
   disc: nn.Module
-  lpips: nn.Module
+  terms: dict  # label -> loss term (vqjax.losses.terms)
+  gan: Any  # GAN loss with d_loss / g_loss
+  lpips: nn.Module  # the eval metric
   tx: optax.GradientTransformation
   disc_tx: optax.GradientTransformation
+
+
+def make_optimizer(o, lr: float, steps: int, frozen: tuple[str, ...] = ()):
+  """Adam or AdamW (`optim.name`) at `lr`, constant or warmup + cosine; frozen paths get 0."""
+  if o.schedule == "warmup_cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, lr, max(o.warmup_steps, 1),
+                                            max(steps, o.warmup_steps + 1))
+  if o.name == "adamw":
+    tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+  else:
+    tx = optax.adam(lr, b1=o.b1, b2=o.b2)
+  if not frozen:
+    return tx
+  # Labels by the paths of the unboxed tree: a prefix of boxed params as well, so the
+  # optimiser also initialises from the logically named parameters (init_boxed_state).
+  labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "train",
+                                       trees.match_mask(nn.unbox(params), frozen))
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def build_models(config) -> TokenizerModels:
   o = config.optim
   return TokenizerModels(
       vqgan=VQGAN(config.model),
-      disc=PatchDiscriminator(ndf=config.disc.ndf, num_layers=config.disc.num_layers),
+      disc=registry.DISCRIMINATORS.build(config.disc),
+      terms=build_terms(config.loss.terms),
+      gan=registry.GAN_LOSSES.build(config.loss.gan),
       lpips=LPIPS(),
-      tx=optax.adam(o.lr, b1=o.b1, b2=o.b2),
-      disc_tx=optax.adam(o.disc_lr, b1=o.b1, b2=o.b2),
+      tx=make_optimizer(o, o.lr, config.train.steps, tuple(o.frozen)),
+      disc_tx=make_optimizer(o, o.disc_lr, config.train.steps),
   )
 
 
+def variables(params, stats: dict, collection: str) -> dict:
+  """{'params': params} plus the statistics collection when there is one."""
+  return {"params": params, **({collection: stats} if stats else {})}
+
+
+def tokenizer_variables(state) -> dict:
+  """The tokenizer's variables in a state: params and, when it has them, vq_stats."""
+  return variables(state.params, state.vq_stats, "vq_stats")
+
+
 def init_state(models: TokenizerModels, config, rng: jax.Array) -> TokenizerState:
-  """Fresh state; run under jit with out_shardings to place it on the mesh."""
+  """Fresh state of plain arrays; run under jit with out_shardings to place it on the mesh.
+
+  The shardings come from `init_boxed_state`'s logical axis names
+  (`vqjax.train.partitioning.param_shardings` of its `jax.eval_shape`).
+  """
+  return nn.unbox(init_boxed_state(models, config, rng))
+
+
+def init_boxed_state(models: TokenizerModels, config, rng: jax.Array) -> TokenizerState:
+  """The fresh state with every parameter and statistic boxed with its logical axis names.
+
+  Optimiser states are built from the boxed parameters, so their copies of
+  the parameter tree carry the same names; step, rng, optimiser counts and
+  loss statistics are plain arrays. `nn.unbox` of it is `init_state`.
+  """
   s = config.data.image_size
   x = jnp.zeros((1, s, s, 3), jnp.float32)
   k_model, k_disc, k_train = jax.random.split(rng, 3)
-  variables = models.vqgan.init(k_model, x, train=False)
-  params = variables["params"]
-  vq_stats = variables.get("vq_stats", {})
-  disc_params = models.disc.init(k_disc, x)["params"]
+  model_vars = models.vqgan.init(k_model, x, train=False)
+  params = model_vars["params"]
+  disc_vars = models.disc.init(k_disc, x, train=False)
+  disc_params = disc_vars["params"]
+  lecam = config.loss.lecam_weight > 0
   return TokenizerState(
       step=jnp.zeros((), jnp.int32), params=params, disc_params=disc_params,
       opt_state=models.tx.init(params), disc_opt_state=models.disc_tx.init(disc_params),
-      vq_stats=vq_stats, rng=k_train)
-
-
-def _variables(params, vq_stats) -> dict:
-  return {"params": params, **({"vq_stats": vq_stats} if vq_stats else {})}
-
-
-def last_layer_grad(grad_output: jax.Array, features: jax.Array, conv_params) -> jax.Array:
-  """d loss / d W of the decoder's last conv, given d loss / d x_hat.
-
-  x_hat = conv(features; W, b), so the kernel gradient is one VJP through
-  that conv: no second pass through the decoder or the loss networks. All
-  inputs are constants here (the adaptive weight carries no gradient).
-  """
-  conv = nn.Conv(grad_output.shape[-1], (3, 3))
-  _, vjp = jax.vjp(lambda k: conv.apply({"params": {"kernel": k, "bias": conv_params["bias"]}},
-                                        sg(features)), sg(conv_params["kernel"]))
-  return vjp(sg(grad_output))[0]
-
-
-def _all_finite(*trees) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
-  return jnp.all(jnp.stack(leaves))
-
-
-def _select(pred, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+      vq_stats=model_vars.get("vq_stats", {}), disc_stats=disc_vars.get("disc_stats", {}),
+      loss_stats={"real": jnp.zeros(()), "fake": jnp.zeros(())} if lecam else {},
+      rng=k_train)
 
 
 def make_train_step(models: TokenizerModels, config):
-  """(state, batch, lpips_params) -> (state, metrics). Pure; jit it with shardings."""
+  """(state, batch, term_params) -> (state, metrics). Pure; jit it with shardings.
+
+  `term_params` maps a loss-term label to its fixed network's parameters.
+  """
   lc = config.loss
+  frozen = tuple(config.optim.frozen)
+  decoder_cfg = config.model.decoder
+  last_name = registry.DECODERS.get(decoder_cfg.name).LAST_LAYER
+  last_layer = registry.DECODERS.build(decoder_cfg, out_channels=3).last_layer()
 
-  def rec_loss(x, x_hat, lpips_params):
-    l1 = losses.l1_loss(x, x_hat)
-    perceptual = jnp.zeros(())
-    if lc.perceptual_weight > 0:
-      perceptual = jnp.mean(models.lpips.apply({"params": lpips_params}, x, x_hat))
-    return lc.l1_weight * l1 + lc.perceptual_weight * perceptual, (l1, perceptual)
-
-  def train_step(state: TokenizerState, batch: dict, lpips_params) -> tuple[TokenizerState, dict]:
+  def train_step(state: TokenizerState, batch: dict, term_params) -> tuple[TokenizerState, dict]:
     x = batch["image"]
     use_gan = state.step >= lc.disc_start
     step_key = jax.random.fold_in(state.rng, state.step)  # quantiser noise, masks, restarts
+    terms_key = jax.random.fold_in(step_key, 1)  # sampled loss terms
 
     def generator(params):
       (x_hat, q), mutated = models.vqgan.apply(
-          _variables(params, state.vq_stats), x, train=True,
+          variables(params, state.vq_stats, "vq_stats"), x, train=True,
           mutable=["vq_stats", "intermediates"], rngs={"quantizer": step_key})
       features = mutated["intermediates"]["decoder"]["last_features"][0]
       quant = sum(q.losses.values())
       return (x_hat, quant), (q, features, mutated.get("vq_stats", {}))
 
-    # One generator forward; the loss networks (LPIPS, D) each run forward and
+    # One generator forward; every loss network (terms, D) runs forward and
     # backward once, giving d L / d x_hat, which is pulled back through the
     # generator with the adaptive weight applied. Equal to differentiating
     # L_rec + w_q L_vq + disc_weight * sg(lambda) * L_G with respect to params.
     (x_hat, quant), pullback, (q, features, vq_stats) = jax.vjp(
         generator, state.params, has_aux=True)
-    (rec, (l1, perceptual)), g_rec = jax.value_and_grad(
-        lambda o: rec_loss(x, o, lpips_params), has_aux=True)(x_hat)
+    (rec, rec_metrics), g_rec = jax.value_and_grad(
+        lambda o: total_loss(models.terms, term_params, x, o, q, terms_key), has_aux=True)(x_hat)
+    disc_vars = variables(state.disc_params, state.disc_stats, "disc_stats")
 
     def gan_terms():
       g_loss, g_gan = jax.value_and_grad(
-          lambda o: losses.hinge_g_loss(models.disc.apply({"params": state.disc_params}, o)))(x_hat)
-      conv_params = state.params["decoder"]["conv_out"]
-      weight = losses.adaptive_weight(last_layer_grad(g_rec, features, conv_params),
-                                      last_layer_grad(g_gan, features, conv_params),
+          lambda o: models.gan.g_loss(models.disc.apply(disc_vars, o, train=True)[0]))(x_hat)
+      last_params = state.params["decoder"][last_name]
+      weight = losses.adaptive_weight(last_layer_grad(last_layer, g_rec, features, last_params),
+                                      last_layer_grad(last_layer, g_gan, features, last_params),
                                       lc.adaptive_weight_max)
       return g_loss, weight, g_gan
 
@@ -135,42 +166,32 @@ def make_train_step(models: TokenizerModels, config):
                          jnp.asarray(lc.codebook_weight, quant.dtype)))
     updates, opt_state = models.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    aux = dict(x_hat=x_hat, vq_stats=vq_stats, l1=l1, perceptual=perceptual, g_loss=g_loss,
-               weight=weight)
+    if frozen:  # bitwise: p + 0 can flip the sign of a zero
+      params = trees.keep_where(trees.match_mask(params, frozen), params, state.params)
+      vq_stats = trees.keep_where(trees.match_mask(vq_stats, frozen), vq_stats, state.vq_stats)
 
-    x_fake = sg(aux["x_hat"])
+    x_fake = sg(x_hat)
+    d_update = make_disc_update(models, config, state, x, x_fake)
+    disc_out = jax.lax.cond(use_gan, d_update, lambda: disc_idle(state, d_update))
+    disc_params, disc_opt_state, disc_stats, loss_stats, d_loss, d_metrics, d_grads = disc_out
 
-    def disc_update():
-      def disc_loss(dp):
-        real = models.disc.apply({"params": dp}, x)
-        fake = models.disc.apply({"params": dp}, x_fake)
-        return losses.hinge_d_loss(real, fake), (jnp.mean(real), jnp.mean(fake))
-      (d_loss, logits), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(state.disc_params)
-      d_updates, d_opt = models.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
-      return optax.apply_updates(state.disc_params, d_updates), d_opt, d_loss, logits, d_grads
-
-    def disc_idle():
-      zero = jnp.zeros(())
-      zeros_like = jax.tree.map(jnp.zeros_like, state.disc_params)
-      return state.disc_params, state.disc_opt_state, zero, (zero, zero), zeros_like
-
-    disc_params, disc_opt_state, d_loss, (logit_real, logit_fake), d_grads = jax.lax.cond(
-        use_gan, disc_update, disc_idle)
-
-    finite = _all_finite(total, d_loss, grads, d_grads)
+    finite = trees.all_finite(total, d_loss, grads, d_grads)
+    keep = lambda new, old: trees.select(finite, new, old)
     new_state = state.replace(
         step=state.step + 1,
-        params=_select(finite, params, state.params),
-        opt_state=_select(finite, opt_state, state.opt_state),
-        disc_params=_select(finite, disc_params, state.disc_params),
-        disc_opt_state=_select(finite, disc_opt_state, state.disc_opt_state),
-        vq_stats=_select(finite, aux["vq_stats"], state.vq_stats),
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        disc_params=keep(disc_params, state.disc_params),
+        disc_opt_state=keep(disc_opt_state, state.disc_opt_state),
+        vq_stats=keep(vq_stats, state.vq_stats),
+        disc_stats=keep(disc_stats, state.disc_stats),
+        loss_stats=keep(loss_stats, state.loss_stats),
     )
     metrics = {
-        "loss/total": total, "loss/l1": aux["l1"], "loss/perceptual": aux["perceptual"],
-        "loss/g": aux["g_loss"], "loss/d": d_loss, "adaptive_weight": aux["weight"],
-        "logits/real": logit_real, "logits/fake": logit_fake,
+        "loss/total": total, "loss/g": g_loss, "loss/d": d_loss, "adaptive_weight": weight,
         "nonfinite": 1.0 - finite.astype(jnp.float32),
+        **{f"loss/{k}": v for k, v in rec_metrics.items()},
+        **d_metrics,
         **{f"loss/{k}": v for k, v in q.losses.items()},
         **{f"vq/{k}": v for k, v in q.metrics.items()},
     }
@@ -179,13 +200,59 @@ def make_train_step(models: TokenizerModels, config):
   return train_step
 
 
+def make_disc_update(models: TokenizerModels, config, state: TokenizerState, x, x_fake):
+  """The discriminator's update as a thunk for `lax.cond` (from `disc_start` on)."""
+  lc = config.loss
+
+  def disc_loss(dp):
+    stats = state.disc_stats
+    (real, extra_real), mutated = models.disc.apply(
+        variables(dp, stats, "disc_stats"), x, train=True, mutable=["disc_stats"])
+    stats = mutated.get("disc_stats", stats)
+    (fake, extra_fake), mutated = models.disc.apply(
+        variables(dp, stats, "disc_stats"), x_fake, train=True, mutable=["disc_stats"])
+    stats = mutated.get("disc_stats", stats)
+    loss = models.gan.d_loss(real, fake) + sum(extra_real.values()) + sum(extra_fake.values())
+    metrics = {"logits/real": jnp.mean(real), "logits/fake": jnp.mean(fake),
+               **{f"loss/d_{k}": v for k, v in extra_real.items()}}
+    loss_stats = state.loss_stats
+    if lc.r1_weight > 0:
+      frozen_vars = variables(dp, state.disc_stats, "disc_stats")
+      r1 = gan_lib.r1_penalty(lambda xr: models.disc.apply(frozen_vars, xr, train=True)[0], x)
+      loss, metrics["loss/r1"] = loss + lc.r1_weight * r1, r1
+    if lc.lecam_weight > 0:
+      lecam = gan_lib.lecam_penalty(real, fake, state.loss_stats["real"],
+                                    state.loss_stats["fake"])
+      loss, metrics["loss/lecam"] = loss + lc.lecam_weight * lecam, lecam
+      loss_stats = gan_lib.lecam_ema(state.loss_stats, sg(real), sg(fake), lc.lecam_decay)
+    return loss, (metrics, stats, loss_stats)
+
+  def update():
+    (d_loss, (metrics, stats, loss_stats)), d_grads = jax.value_and_grad(
+        disc_loss, has_aux=True)(state.disc_params)
+    d_updates, d_opt = models.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+    params = optax.apply_updates(state.disc_params, d_updates)
+    return params, d_opt, stats, loss_stats, d_loss, metrics, d_grads
+
+  return update
+
+
+def disc_idle(state: TokenizerState, update):
+  """Before `disc_start`: `update`'s outputs with the state unchanged and zero loss,
+  metrics and gradients."""
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(update))
+  _, _, _, _, d_loss, metrics, d_grads = zeros
+  return (state.disc_params, state.disc_opt_state, state.disc_stats, state.loss_stats, d_loss,
+          metrics, d_grads)
+
+
 def make_eval_step(models: TokenizerModels, config):
   """(params, vq_stats, batch, lpips_params) -> per-batch sums for the evaluator."""
   k = config.model.quantizer.codebook_size
 
   def eval_step(params, vq_stats, batch, lpips_params) -> dict[str, Any]:
     x, mask = batch["image"], batch["mask"]
-    x_hat, q = models.vqgan.apply(_variables(params, vq_stats), x, train=False)
+    x_hat, q = models.vqgan.apply(variables(params, vq_stats, "vq_stats"), x, train=False)
     x_hat = jnp.clip(x_hat, -1.0, 1.0)
     per_image = {
         "psnr": psnr(x, x_hat),
@@ -200,17 +267,3 @@ def make_eval_step(models: TokenizerModels, config):
     return sums, x_hat
 
   return eval_step
-
-
-def summarize_eval(sums: dict) -> dict[str, float]:
-  """Per-batch sums -> means, codebook usage and perplexity over the pass."""
-  n = max(float(sums["count"]), 1.0)
-  counts = sums["code_counts"]
-  return {
-      "psnr": float(sums["psnr"]) / n,
-      "ssim": float(sums["ssim"]) / n,
-      "lpips": float(sums["lpips"]) / n,
-      "codebook_usage": float(vq.usage_fraction(counts)),
-      "perplexity": float(vq.perplexity(counts)),
-      "num_examples": int(n),
-  }

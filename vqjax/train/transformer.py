@@ -1,7 +1,13 @@
-"""Token transformer training (SPEC 6): MaskGIT masked-token or GPT next-token steps.
+"""Token transformer training: one generic step around a registered objective.
+
+The objective (`config.model.objective`, `vqjax.objectives`) builds the
+model and says how a batch becomes a loss, validation sums and samples:
+MaskGIT's masked tokens (Chang et al. 2022) or the GPT's next token (Esser
+et al. 2021). Conditions are a prefix of condition ids (a class label today,
+`vqjax.objectives.base.Conditions`).
 
 Tokens come from a `vqjax.data.tokens` store through Grain; parameters are
-sharded by their logical axes (`config.mesh.rules`); the step is jitted with
+sharded by their logical axes (`config.mesh.param_sharding`, `.rules`); the step is jitted with
 donated state and skips (and counts) updates whose loss or gradients are
 not finite. Checkpoints hold the state and the data iterator, so a resumed
 run continues exactly.
@@ -21,14 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vqjax import registry
 from vqjax.config_lib import ConfigError, validate_transformer_config
+from vqjax.console import console
+from vqjax.core import trees
+from vqjax.core.writers import make_writer, write_images
 from vqjax.data.pipeline import pad_batch
 from vqjax.data.tokens import TokenStore, TokenStoreError
-from vqjax.nn.transformers import GPT, MaskGITTransformer
-from vqjax.ops.losses import masked_token_loss, next_token_loss, smoothed_cross_entropy
-from vqjax.sampling.maskgit import training_mask
-from vqjax.train import partitioning
-from vqjax.train.loop import StopRequest, TrainRun, every, make_writer, write_images
+from vqjax.objectives.base import Conditions, Objective
+from vqjax.ops.images import square_grid, to_uint8
+from vqjax.train import generate, partitioning
+from vqjax.train.loop import StopRequest, TrainRun, every
 
 
 @flax.struct.dataclass
@@ -39,20 +48,17 @@ class TransformerState:
   rng: jax.Array
 
 
-def build_model(config, token_shape: tuple[int, ...], codebook_size: int) -> nn.Module:
-  """MaskGIT over h*w positions (x c channels), or a GPT over h*w codes."""
-  m = config.model
-  seq_len = int(np.prod(token_shape[:2]))
-  channels = token_shape[2] if len(token_shape) == 3 else 1
-  if m.kind == "maskgit":
-    return MaskGITTransformer(codebook_size=codebook_size, seq_len=seq_len, channels=channels,
-                              num_classes=m.num_classes, width=m.width, depth=m.depth,
-                              heads=m.heads, mlp_dim=m.mlp_dim, dropout=m.dropout)
-  if channels > 1:
-    raise ValueError("the GPT models [h, w] tokens; multichannel tokens need model.kind=maskgit")
-  return GPT(codebook_size=codebook_size, seq_len=seq_len, num_conditions=m.num_classes,
-             cond_len=1, width=m.width, depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim,
-             dropout=m.dropout)
+def conditions_of(config) -> Conditions:
+  """The condition prefix: the class label (length 1) with model.num_classes > 0, else none."""
+  n = config.model.num_classes
+  return Conditions(vocab=n, length=1 if n else 0)
+
+
+def build_objective(config, token_shape: tuple[int, ...], codebook_size: int) -> Objective:
+  """`config.model.objective` for token maps of `token_shape` over `codebook_size` codes."""
+  return registry.OBJECTIVES.build(config.model.objective, model_config=config.model,
+                                   token_shape=tuple(token_shape), codebook_size=codebook_size,
+                                   conditions=conditions_of(config))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -64,50 +70,17 @@ def make_optimizer(config) -> optax.GradientTransformation:
                      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
 
 
-def _flat_tokens(tokens):
-  """[B, h, w(, c)] -> [B, h*w(, c)]."""
-  return tokens.reshape(tokens.shape[:1] + (-1,) + tokens.shape[3:])
-
-
-def _conditions(config, labels, rng):
-  """Labels with `cond_dropout` of them replaced by the "no class" id (or all, if unconditional)."""
-  n = config.model.num_classes
-  if n == 0:
-    return jnp.zeros_like(labels)
-  drop = jax.random.bernoulli(rng, config.model.cond_dropout, labels.shape)
-  return jnp.where(drop, n, labels)
-
-
-def make_loss_fn(model, config):
-  def loss_fn(params, tokens, labels, rng, train: bool):
-    r_mask, r_drop, r_cond = jax.random.split(rng, 3)
-    tokens = _flat_tokens(tokens)
-    cond = _conditions(config, labels, r_cond) if train else labels
-    rngs = {"dropout": r_drop}
-    if config.model.kind == "maskgit":
-      mask = training_mask(r_mask, tokens.shape)
-      inputs = jnp.where(mask, model.mask_id, tokens)
-      logits = model.apply({"params": params}, inputs, cond if config.model.num_classes else None,
-                           train=train, rngs=rngs)
-      return masked_token_loss(logits, tokens, mask, config.loss.label_smoothing)
-    logits = model.apply({"params": params}, tokens, cond, train=train, rngs=rngs)
-    return next_token_loss(logits, tokens)
-
-  return loss_fn
-
-
-def make_train_step(model, tx, config):
-  loss_fn = make_loss_fn(model, config)
-
+def make_train_step(objective: Objective, tx):
   def train_step(state: TransformerState, batch) -> tuple[TransformerState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch["tokens"], batch["label"], rng, True)
+    tokens = objective.flatten(batch["tokens"])
+    cond = objective.conditions.from_labels(batch["label"])
+    (loss, acc), grads = jax.value_and_grad(objective.loss, has_aux=True)(
+        state.params, tokens, cond, rng, True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    finite = trees.all_finite(loss, grads)
+    keep = lambda new, old: trees.select(finite, new, old)
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state))
     metrics = {"loss/total": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads),
@@ -117,28 +90,12 @@ def make_train_step(model, tx, config):
   return train_step
 
 
-def make_eval_step(model, config):
-  """Sums of token NLL (no smoothing), correct top-1 and counted tokens over a padded batch.
-
-  MaskGIT counts the tokens masked by `training_mask(rng)` (a fixed rng per batch keeps the
-  masks, and so the numbers, comparable across evaluations); the GPT counts every position.
-  """
+def make_eval_step(objective: Objective):
+  """Sums of token NLL (no smoothing), correct top-1 and counted tokens over a padded batch."""
   def eval_step(params, batch, rng):
-    tokens = _flat_tokens(batch["tokens"])
-    valid = batch["mask"].reshape((-1,) + (1,) * (tokens.ndim - 1)) * jnp.ones(tokens.shape)
-    conditional = config.model.num_classes > 0
-    labels = batch["label"] if conditional else jnp.zeros_like(batch["label"])
-    if config.model.kind == "maskgit":
-      mask = training_mask(rng, tokens.shape)
-      logits = model.apply({"params": params}, jnp.where(mask, model.mask_id, tokens),
-                           labels if conditional else None)
-      valid = valid * mask
-    else:
-      logits = model.apply({"params": params}, tokens, labels)
-    nll = smoothed_cross_entropy(logits, tokens, 0.0)
-    correct = (jnp.argmax(logits, -1) == tokens).astype(jnp.float32)
-    return {"nll": jnp.sum(nll * valid), "correct": jnp.sum(correct * valid),
-            "count": jnp.sum(valid)}
+    return objective.eval_sums(params, objective.flatten(batch["tokens"]),
+                               objective.conditions.from_labels(batch["label"]), batch["mask"],
+                               rng)
 
   return eval_step
 
@@ -164,7 +121,7 @@ def val_batches(config, store: TokenStore, process_index: int = 0, process_count
 class Setup:
   """A transformer run's model, mesh, initial state and jitted steps, built from the config."""
   config: Any
-  model: nn.Module
+  objective: Objective
   mesh: Any
   state: TransformerState
   shardings: Any
@@ -172,6 +129,10 @@ class Setup:
   eval_step: Callable
   store: TokenStore
   val_store: TokenStore | None
+
+  @property
+  def model(self) -> nn.Module:
+    return self.objective.model
 
   def validate(self, params) -> dict[str, float]:
     """Loss and top-1 accuracy on `tokens.val_dir` ({} when it is not set)."""
@@ -205,48 +166,64 @@ def setup(config, devices=None) -> Setup:
         f"tokens.val_dir holds {val_store.token_shape} tokens over {val_store.codebook_size} "
         f"codes, tokens.dir {store.token_shape} over {store.codebook_size}: extract both with "
         "the same tokenizer")
-  model = build_model(config, store.token_shape, store.codebook_size)
+  objective = build_objective(config, store.token_shape, store.codebook_size)
   tx = make_optimizer(config)
   mesh = partitioning.make_mesh(config, devices)
-  b = 2
-  tokens = jnp.zeros((b,) + store.token_shape, jnp.int32)
 
   def init(rng):
     k_model, k_train = jax.random.split(rng)
-    flat = _flat_tokens(tokens)
-    if config.model.kind == "maskgit":
-      labels = jnp.zeros((b,), jnp.int32) if config.model.num_classes else None
-      params = model.init(k_model, flat, labels)["params"]
-    else:
-      params = model.init(k_model, flat, jnp.zeros((b,), jnp.int32))["params"]
+    params = objective.init_params(k_model)
     return TransformerState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=tx.init(params), rng=k_train)
 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
-  shardings = partitioning.logical_shardings(mesh, abstract, config.mesh.rules)
+  shardings = partitioning.param_shardings(mesh, abstract, config.mesh.param_sharding,
+                                           config.mesh.rules)
   state = jax.jit(init, out_shardings=shardings)(rng)
   rep = partitioning.replicated(mesh)
   batch_sh = partitioning.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config), in_shardings=(shardings, batch_sh),
+  train_step = jax.jit(make_train_step(objective, tx), in_shardings=(shardings, batch_sh),
                        out_shardings=(shardings, rep), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(model, config),
+  eval_step = jax.jit(make_eval_step(objective),
                       in_shardings=(shardings.params, batch_sh, rep), out_shardings=rep)
-  return Setup(config, model, mesh, state, shardings, train_step, eval_step, store, val_store)
+  return Setup(config, objective, mesh, state, shardings, train_step, eval_step, store,
+               val_store)
+
+
+@dataclass
+class Restored:
+  """A trained transformer (latest checkpoint) with the tokenizer that decodes its tokens."""
+  setup: Setup
+  state: TransformerState  # boxed params, placed by the setup's shardings
+  step: int
+  tok: Any  # the tokenizer's run.Setup
+  tok_config: Any
+  variables: dict  # the tokenizer's restored variables
+
+  @property
+  def params(self):
+    return nn.unbox(self.state.params)
+
+
+def restore_models(config, workdir: str) -> Restored:
+  """The latest transformer in `workdir` and the tokenizer named in `config.tokenizer`."""
+  tok, tok_config, variables = generate.restore_tokenizer(config)
+  s = setup(config)
+  state, step = generate.restore_latest(workdir, s.state, "transformer")
+  return Restored(s, state, step, tok, tok_config, variables)
 
 
 def _sample_grid(s: Setup) -> Callable | None:
   """params -> uint8 grid of eval.grid_images samples, when a tokenizer to decode them is set."""
-  from vqjax.train.sample import ImageSampler, restore_tokenizer, square_grid, to_uint8
-
   config = s.config
   if not config.eval.grid_images:
     return None
   if not (config.tokenizer.config and config.tokenizer.workdir):
-    print("sample grids off: config.tokenizer.config/workdir are not set", flush=True)
+    console("sample grids off: config.tokenizer.config/workdir are not set")
     return None
-  tok, _, variables = restore_tokenizer(config)
-  sampler = ImageSampler(s.model, config, s.store, tok, variables)
+  tok, _, variables = generate.restore_tokenizer(config)
+  sampler = generate.ImageSampler(s.objective, config.sample, tok, variables)
   n = config.eval.grid_images
 
   def draw(params):
@@ -269,16 +246,15 @@ def train(config, workdir: str, stop: StopRequest | None = None,
   data_iter = iter(token_dataset(config, s.store, jax.process_index(), jax.process_count()))
   state = r.resume(s.state, data_iter)
   n_params = sum(x.size for x in jax.tree.leaves(nn.unbox(state.params)))
-  print(f"{type(s.model).__name__} {n_params:,} parameters over {len(s.store):,} token maps of "
-        f"shape {s.store.token_shape}; mesh {dict(s.mesh.shape)}", flush=True)
+  console(f"{type(s.model).__name__} {n_params:,} parameters over {len(s.store):,} token maps of "
+        f"shape {s.store.token_shape}; mesh {dict(s.mesh.shape)}")
   total = config.train.steps
 
   def evaluation(step, state, batch, device_batch):
     metrics = s.validate(state.params)
     if metrics:
       r.writer.write_scalars(step, metrics)
-      print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-            flush=True)
+      console(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if grid is not None:
       write_images(r.writer, workdir, step, "samples", grid(state.params))
 
@@ -296,7 +272,6 @@ def evaluate(config, workdir: str) -> dict:
   """
   from vqjax.eval.evaluator import reference_stats, sample_metrics, write_eval
   from vqjax.eval.inception_features import InceptionExtractor, to_model_range
-  from vqjax.train.sample import ImageSampler, restore_models, to_uint8
 
   m = restore_models(config, workdir)
   ref_config = m.tok_config.copy_and_resolve_references()
@@ -306,7 +281,7 @@ def evaluate(config, workdir: str) -> dict:
     ref_config.eval.stats_cache_dir = config.eval.stats_cache_dir
   inception = InceptionExtractor(m.setup.mesh)
   reference = reference_stats(ref_config, inception, ref_config.data.val_split)
-  sampler = ImageSampler(m.setup.model, config, m.setup.store, m.tok, m.variables)
+  sampler = generate.ImageSampler(m.setup.objective, config.sample, m.tok, m.variables)
   n, bs = config.eval.num_samples, config.sample.batch_size
   # The images --mode=sample writes (same seed and batches), scored as the uint8 files are.
   batches = ({"image": to_model_range(to_uint8(images)),

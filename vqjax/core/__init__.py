@@ -1,0 +1,1 @@
+"""Core services the trainers share: trees and paths, sharding, checkpoints, console."""

@@ -1,0 +1,55 @@
+"""Where results go: metric writers, image grids and JSON files (the console is
+`vqjax.console`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from clu import metric_writers
+from PIL import Image
+
+from vqjax.ops.images import to_uint8
+
+
+def image_grid(columns: list[np.ndarray], max_rows: int = 8) -> np.ndarray:
+  """Side-by-side columns of [B, H, W, 3] images in [-1, 1] -> uint8 [rows*H, cols*W, 3]."""
+  rows = min(max_rows, columns[0].shape[0])
+  tiles = [np.concatenate([np.asarray(col[r]) for col in columns], axis=1) for r in range(rows)]
+  grid = np.concatenate(tiles, axis=0)
+  return to_uint8(grid)
+
+
+def write_images(writer, workdir: str, step: int, name: str, grid: np.ndarray) -> str:
+  """TensorBoard image and `workdir/images/<name>_<step>.png`."""
+  writer.write_images(step, {name: grid[None]})
+  folder = os.path.join(workdir, "images")
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f"{name}_{step:07d}.png")
+  Image.fromarray(grid).save(path)
+  return path
+
+
+def make_writer(workdir: str, is_main_process: bool):
+  """CLU's TensorBoard writer on the main process; logging only elsewhere."""
+  return metric_writers.create_default_writer(workdir, just_logging=not is_main_process)
+
+
+def write_json(path: str, payload: dict) -> None:
+  """Atomically write `payload` as indented JSON."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flat_dict(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
