@@ -30,8 +30,8 @@ def main(argv):
   import numpy as np
   from jax.sharding import Mesh
 
+  from vqjax.core import partitioning
   from vqjax.eval.inception_features import InceptionExtractor
-  from vqjax.train import partitioning
 
   mesh = Mesh(np.array(jax.devices()).reshape(-1, 1), ("data", "model"))
   extractor = InceptionExtractor(mesh, precision=_PRECISION.value)

@@ -33,7 +33,7 @@ def main(argv):
   import jax
   import numpy as np
 
-  from vqjax.train import partitioning
+  from vqjax.core import partitioning
   from vqjax.train.run import setup
 
   config = load_config(_CONFIG.value)

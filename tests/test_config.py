@@ -7,7 +7,9 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, load_config
-from vqjax.config_lib import ConfigError, validate_tokenizer_config, validate_transformer_config
+from vqjax.errors import ConfigError
+from vqjax.train.tokenizer import validate_tokenizer_config
+from vqjax.train.transformer import validate_transformer_config
 
 
 def test_image_size_the_encoder_cannot_divide(smoke_config):
@@ -38,7 +40,8 @@ def test_unknown_fid_method_is_refused(spec):
   validate(config, num_devices=1)
   with config.unlocked():
     config.eval.fid_method = "svd"
-  with pytest.raises(ConfigError, match="fid_method must be 'sqrtm' or 'eigh', not 'svd'"):
+  with pytest.raises(ConfigError,
+                     match=r"eval.fid_method='svd' must be one of \('sqrtm', 'eigh'\)"):
     validate(config, num_devices=1)
 
 

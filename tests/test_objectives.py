@@ -17,6 +17,7 @@ from vqjax.errors import ConfigError
 from vqjax.objectives.base import Conditions
 from vqjax.sampling import autoregressive as ar
 from vqjax.sampling.maskgit import training_mask
+from vqjax.train.transformer import validate_transformer_config
 
 K, VOCAB, WIDTH = 11, 5, 32  # codebook size, condition vocabulary, model width
 PREFIX_OF_3 = Conditions(VOCAB, 3)
@@ -62,7 +63,7 @@ def test_misspelt_objective_is_refused_with_the_nearest_name():
   with config.unlocked():
     config.model.objective.name = "maskgti"
   with pytest.raises(ConfigError, match="Did you mean 'maskgit'"):
-    config_lib.validate_transformer_config(config, 1)
+    validate_transformer_config(config, 1)
   with pytest.raises(ConfigError, match="Did you mean 'label_smoothing'"):
     config_lib.transformer_config("maskgit", label_smothing=0.2)
 

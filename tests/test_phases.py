@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import load_config
-from vqjax.core import trees
+from vqjax.core import checkpoint, partitioning, trees
 from vqjax.errors import ConfigError
-from vqjax.train import checkpoint, partitioning
 from vqjax.train.run import init_from, setup
 
 

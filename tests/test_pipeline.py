@@ -90,7 +90,7 @@ def test_sigterm_in_a_stage_stops_unmarked_and_the_rerun_matches_an_uninterrupte
   timer.cancel()
   err = stderr_path.read_text()
   output = "".join(lines) + out
-  assert proc.returncode == 1, output[-3000:] + err[-3000:]
+  assert proc.returncode == 75, output[-3000:] + err[-3000:]  # EX_TEMPFAIL: requeue
   assert "Traceback" not in err
   assert "stopped: stage 3/3 'maskgit'" in err and "not marked finished" in err
   stopped_at = int(output.split("stopped at step ")[1].split(";")[0])
@@ -160,7 +160,7 @@ def test_a_bad_pipeline_stops_with_one_line_before_running(tmp_path, recipe_args
 
 
 def test_references_resolve_to_earlier_stage_directories():
-  from vqjax.config_lib import ConfigError
+  from vqjax.errors import ConfigError
   from vqjax.train.pipeline import resolve
 
   dirs = {"tok": "/d/tok", "mg": "/d/mg"}

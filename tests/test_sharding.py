@@ -13,8 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from tests.conftest import ROOT, load_config
-from vqjax.config_lib import DEFAULT_LOGICAL_RULES
-from vqjax.train import partitioning
+from vqjax.core import partitioning
+from vqjax.core.partitioning import DEFAULT_LOGICAL_RULES
 from vqjax.train.tokenizer import build_models, init_boxed_state
 
 SCRIPT = r"""
@@ -23,7 +23,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 sys.path.insert(0, os.getcwd())
 import jax, numpy as np
 from tests.conftest import load_config
-from vqjax.train import partitioning
+from vqjax.core import partitioning
 from vqjax.train.run import setup
 
 assert jax.device_count() == 8, jax.devices()
@@ -187,7 +187,9 @@ def test_param_shardings_modes_on_one_device():
 
 @pytest.mark.parametrize("spec", ["configs/demo.py:smoke", "configs/maskgit_imagenet.py:smoke"])
 def test_mesh_param_sharding_and_rules_are_validated(spec):
-  from vqjax.config_lib import ConfigError, validate_tokenizer_config, validate_transformer_config
+  from vqjax.errors import ConfigError
+  from vqjax.train.tokenizer import validate_tokenizer_config
+  from vqjax.train.transformer import validate_transformer_config
 
   validate = (validate_tokenizer_config if "demo" in spec else validate_transformer_config)
   config = load_config(spec)

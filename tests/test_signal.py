@@ -1,4 +1,5 @@
-"""A real SIGTERM to `python -m vqjax.main` saves a checkpoint, exits cleanly, and resumes."""
+"""A real SIGTERM to `python -m vqjax.main` saves a checkpoint, exits 75 (EX_TEMPFAIL), and
+resumes."""
 
 import os
 import signal
@@ -25,8 +26,9 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
   output = "".join(lines) + out
-  assert proc.returncode == 0, output[-3000:]
+  assert proc.returncode == 75, output[-3000:]  # EX_TEMPFAIL: stopped after saving
   assert "stopped at step" in output
+  assert "stopped: a signal stopped --mode=train" in output and "(exit status 75)" in output
   stopped_at = int(output.split("stopped at step ")[1].split(";")[0])
   assert stopped_at >= 2
   assert os.path.isdir(workdir / "checkpoints" / str(stopped_at))

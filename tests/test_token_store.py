@@ -1,10 +1,13 @@
-"""The sharded token store: round trip, resume after a kill, mismatch errors, Grain reading."""
+"""The sharded token store: round trip, resume after a kill, mismatch errors, damaged shards,
+Grain reading."""
 
 import grain
 import numpy as np
 import pytest
 
+from vqjax.data.sources import DataSetNotFoundError
 from vqjax.data.tokens import TokenStore, TokenStoreError, TokenStoreWriter
+from vqjax.errors import UserError
 
 
 def _data(n, shape=(4, 4, 3), k=1000, seed=0):
@@ -59,3 +62,51 @@ def test_grain_reads_the_store(tmp_path):
 def test_missing_store_says_to_tokenize(tmp_path):
   with pytest.raises(TokenStoreError, match="--mode=tokenize"):
     TokenStore(str(tmp_path / "none"))
+
+
+def _finished_store(folder, workdir, split="train"):
+  tokens, labels = _data(12, shape=(3, 3))
+  w = TokenStoreWriter(str(folder), (3, 3), 1000, shard_size=5,
+                       source={"data": {"source": "folder", "split": split},
+                               "tokenizer_workdir": str(workdir), "checkpoint_step": 4})
+  w.add(tokens, labels)
+  w.finish()
+
+
+def test_truncated_shard_names_the_file_and_the_rebuild_command(tmp_path):
+  workdir = tmp_path / "tok"
+  folder = workdir / "tokens_train"
+  _finished_store(folder, workdir)
+  shard = folder / "tokens_00001.npy"
+  shard.write_bytes(shard.read_bytes()[:-7])
+  with pytest.raises(TokenStoreError) as info:
+    TokenStore(str(folder))
+  message = str(info.value)
+  assert str(shard) in message and "truncated" in message
+  assert (f"python -m vqjax.main --config=<the tokenizer recipe> --workdir={workdir} "
+          "--mode=tokenize --config.tokenize.split=train`") in message
+  assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
+
+
+def test_shard_of_the_wrong_dtype_or_shape_or_missing(tmp_path):
+  workdir = tmp_path / "tok"
+  folder = tmp_path / "elsewhere"
+  _finished_store(folder, workdir, split="validation")
+  np.save(folder / "tokens_00000.npy", np.zeros((5, 3, 3), np.int32))  # store holds int16
+  with pytest.raises(TokenStoreError, match=r"tokens_00000\.npy holds int32 \(5, 3, 3\)") as info:
+    TokenStore(str(folder))
+  assert f"--config.tokenize.output_dir={folder}" in str(info.value)
+  assert "--config.tokenize.split=validation" in str(info.value)
+  np.save(folder / "tokens_00000.npy", np.zeros((4, 3, 3), np.int16))
+  with pytest.raises(TokenStoreError, match=r"int16 \(4, 3, 3\), but meta.json says"):
+    TokenStore(str(folder))
+  (folder / "tokens_00000.npy").unlink()
+  (folder / "labels_00002.npy").write_bytes(b"not npy")
+  with pytest.raises(TokenStoreError, match=r"tokens_00000\.npy is missing"):
+    TokenStore(str(folder))
+
+
+def test_data_errors_are_user_errors():
+  assert issubclass(DataSetNotFoundError, UserError)
+  assert issubclass(DataSetNotFoundError, FileNotFoundError)
+  assert issubclass(TokenStoreError, UserError)

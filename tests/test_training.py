@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, load_config
-from vqjax.train import checkpoint, partitioning
+from vqjax.core import checkpoint, partitioning
 from vqjax.train.loop import NonFiniteGuard, NonFiniteLossError, StopRequest
 from vqjax.train.run import evaluate, setup, train_and_evaluate
 
@@ -119,8 +119,9 @@ def test_diverging_run_stops_and_never_saves_nan(tmp_path, smoke_config):
     c.train.max_consecutive_nonfinite = 3
     c.train.checkpoint_every = 1
     c.eval.every_steps = 100
-  with pytest.raises(NonFiniteLossError):
+  with pytest.raises(NonFiniteLossError, match="No checkpoint from before step 1 is kept"):
     train_and_evaluate(c, str(tmp_path))
-  manager = checkpoint.make_manager(str(tmp_path), 3, async_save=False)
-  state, _ = checkpoint.restore(manager, manager.latest_step(), setup(c).state)
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state)))
+  # Step 1's update blew the state up (every later loss is NaN): its checkpoint is set aside
+  # and none is kept (tests/test_checkpoint_healing.py resumes such a run from a good one).
+  assert not [name for name in os.listdir(tmp_path / "checkpoints") if name.isdigit()]
+  assert [name.split("-")[0] for name in os.listdir(tmp_path / checkpoint.DIVERGED)] == ["1"]

@@ -15,7 +15,8 @@ sys.path.insert(0, os.getcwd())
 import flax.linen as nn, jax, numpy as np
 from tests.conftest import load_config
 from vqjax.data.tokens import TokenStoreWriter
-from vqjax.train import partitioning, transformer
+from vqjax.core import partitioning
+from vqjax.train import transformer
 
 assert jax.device_count() == 8, jax.devices()
 tokens_dir = sys.argv[1]

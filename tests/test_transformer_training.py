@@ -100,7 +100,8 @@ _SHARDED = r"""
 import sys, numpy as np, jax, flax.linen as nn
 sys.path.insert(0, {root!r})
 from tests.conftest import load_config
-from vqjax.train import partitioning, transformer
+from vqjax.core import partitioning
+from vqjax.train import transformer
 config = load_config({spec!r})
 with config.unlocked():
   config.tokens.dir = {tokens!r}

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import load_config
-from vqjax.config_lib import ConfigError, quantizer_config, validate_tokenizer_config
+from vqjax.config_lib import quantizer_config
+from vqjax.errors import ConfigError
 from vqjax.train.run import train_and_evaluate
+from vqjax.train.tokenizer import validate_tokenizer_config
 
 VARIANTS = ["entropy", "multichannel", "regvq", "kmeans", "restart", "l2", "fq"]
 

@@ -1,8 +1,13 @@
-"""Shared config pieces and start-up validation.
+"""The building blocks of recipe files: trainer defaults and the variant shrinkers.
 
-Recipe files under `configs/` build on `tokenizer_config()` and change fields;
-`validate_tokenizer_config` runs before any compilation so that a wrong
-setting gives one clear message.
+Recipe files under `configs/` start from `tokenizer_config()` or
+`transformer_config(objective)` and change fields; `smoke_overrides`,
+`demo_overrides` and `transformer_smoke_overrides` shrink them. A part's
+fields come from its registry, and each check lives beside what it checks:
+a part's own `check_config`, the trainers' `validate_*_config`
+(vqjax/train/tokenizer.py, vqjax/train/transformer.py), the mesh's in
+vqjax/core/partitioning.py, the FID fields' in vqjax/eval/settings.py.
+Reading a recipe file is vqjax/core/config_files.py.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ import ml_collections
 
 from vqjax import registry
 from vqjax.core.config_files import load_config_file
+from vqjax.core.partitioning import DEFAULT_LOGICAL_RULES
 from vqjax.errors import ConfigError
-from vqjax.eval.settings import add_fid_settings, validate_fid_settings
+from vqjax.eval.settings import add_fid_settings
 from vqjax.losses.terms import terms_config
 
 __all__ = ["ConfigError", "load_config_file"]  # re-exported for recipes
@@ -30,7 +36,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   # How parameters (and their optimiser states) are placed, by their logical axis names:
   # 'replicate': on every device; 'channels': the axes `rules` map to `model` (output
   # channels) are split over it; 'fsdp': 'channels' plus each parameter's largest
-  # other axis that `data` divides split over `data` (vqjax.train.partitioning).
+  # other axis that `data` divides split over `data` (vqjax.core.partitioning).
   c.mesh.param_sharding = "replicate"
   c.mesh.rules = DEFAULT_LOGICAL_RULES  # logical axis -> mesh axis (None = replicated)
 
@@ -103,6 +109,10 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 5000
   c.train.keep_checkpoints = 3
   c.train.max_consecutive_nonfinite = 10
+  # Stop when loss/total stays above divergence_factor x its running median (last 200 finite
+  # steps) for divergence_steps steps in a row (0 = off); see vqjax/train/loop.py.
+  c.train.divergence_factor = 10.0
+  c.train.divergence_steps = 20
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 25_000
@@ -201,109 +211,6 @@ def smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
-                              process_count: int = 1) -> None:
-  """Check what would otherwise fail deep inside compilation: every part by its registry
-  (names, fields, the part's own ranges), then the sizes that tie the parts together."""
-  m = c.model
-  for reg, part in ((registry.ENCODERS, m.encoder), (registry.QUANTIZERS, m.quantizer),
-                    (registry.DECODERS, m.decoder), (registry.DISCRIMINATORS, c.disc),
-                    (registry.GAN_LOSSES, c.loss.gan)):
-    reg.check(part)
-  for label, term in c.loss.terms.items():
-    if "name" not in term:
-      raise ConfigError(f"loss.terms.{label} has no 'name': choose one of "
-                        f"{registry.LOSS_TERMS.names()}.")
-    registry.LOSS_TERMS.check(term)
-  downsampling = getattr(registry.ENCODERS.get(m.encoder.name), "downsampling", None)
-  factor = downsampling(m.encoder) if downsampling else 1
-  if c.data.image_size % factor:
-    raise ConfigError(
-        f"data.image_size={c.data.image_size} is not divisible by the encoder's downsampling "
-        f"factor {factor} (model.encoder.ch_mult={tuple(m.encoder.ch_mult)}): use a multiple "
-        f"of {factor}, e.g. {max(factor, c.data.image_size // factor * factor)}.")
-  data_size = mesh_data_size(c, num_devices)
-  for name, batch in (("train.batch_size", c.train.batch_size),
-                      ("eval.batch_size", c.eval.batch_size),
-                      ("tokenize.batch_size", c.tokenize.batch_size)):
-    if batch % data_size or batch % process_count:
-      raise ConfigError(
-          f"{name}={batch} cannot be split over the mesh's data axis of size {data_size} "
-          f"and {process_count} process(es): use a multiple of {data_size * process_count}.")
-  validate_fid_settings(c.eval)
-  _validate_optim(c.optim)
-  for name in ("r1_weight", "lecam_weight", "codebook_weight", "disc_weight"):
-    if c.loss[name] < 0:
-      raise ConfigError(f"loss.{name}={c.loss[name]} must be >= 0.")
-  if not 0.0 <= c.loss.lecam_decay < 1.0:
-    raise ConfigError(f"loss.lecam_decay={c.loss.lecam_decay} must be in [0, 1).")
-  validate_mesh(c)
-
-
-def _validate_optim(o: ml_collections.ConfigDict) -> None:
-  import re
-
-  if o.name not in ("adam", "adamw"):
-    raise ConfigError(f"optim.name must be 'adam' or 'adamw', not {o.name!r}.")
-  if o.schedule not in ("constant", "warmup_cosine"):
-    raise ConfigError(f"optim.schedule must be 'constant' or 'warmup_cosine', "
-                      f"not {o.schedule!r}.")
-  if o.lr <= 0 or o.disc_lr <= 0 or o.weight_decay < 0 or o.warmup_steps < 0:
-    raise ConfigError("optim.lr and optim.disc_lr must be > 0, optim.weight_decay and "
-                      "optim.warmup_steps >= 0.")
-  for pattern in o.frozen:
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      raise ConfigError(f"optim.frozen pattern {pattern!r} is not a regular expression: "
-                        f"{e}") from None
-
-
-def validate_quantizer_config(q: ml_collections.ConfigDict) -> None:
-  """`config.model.quantizer`: a known name, only its fields, values in range."""
-  registry.QUANTIZERS.check(q)
-
-
-def mesh_data_size(c: ml_collections.ConfigDict, num_devices: int) -> int:
-  """Size of the `data` mesh axis; raises if (data, model) does not fit the devices."""
-  model = c.mesh.model
-  if model < 1 or num_devices % model:
-    raise ConfigError(f"mesh.model={model} does not divide the {num_devices} devices.")
-  data = c.mesh.data if c.mesh.data > 0 else num_devices // model
-  if data * model != num_devices:
-    raise ConfigError(f"mesh (data={data}, model={model}) needs {data * model} devices, "
-                      f"but {num_devices} are visible: set mesh.data=-1 or fix the sizes.")
-  return data
-
-
-PARAM_SHARDING_MODES = ("replicate", "channels", "fsdp")
-
-# Logical axis -> mesh axis, for the names both trainers' parameters carry (the
-# transformer's in vqjax/nn/transformers.py, the tokenizer's in vqjax/nn/layers.py):
-# output-channel-like axes go over `model` under mesh.param_sharding='channels'/'fsdp'.
-# Quantiser codebooks and their statistics (codes, code_dim) stay whole: they are small,
-# and a nearest-code search split over devices can break near-ties differently from one
-# device ('fsdp' still splits their largest axis over `data`).
-DEFAULT_LOGICAL_RULES = (
-    ("embed", None), ("mlp", "model"), ("heads", "model"), ("kv", None), ("vocab", "model"),
-    ("conv_height", None), ("conv_width", None), ("conv_in", None), ("conv_out", "model"),
-    ("embed_in", None), ("embed_out", "model"), ("codes", None), ("code_dim", None))
-
-
-def validate_mesh(c: ml_collections.ConfigDict) -> None:
-  """`config.mesh.param_sharding` is a known mode and `mesh.rules` maps names to mesh axes."""
-  if c.mesh.param_sharding not in PARAM_SHARDING_MODES:
-    raise ConfigError(f"mesh.param_sharding must be one of {PARAM_SHARDING_MODES}, "
-                      f"not {c.mesh.param_sharding!r}.")
-  for rule in c.mesh.rules:
-    axes = rule[1] if len(rule) == 2 else None
-    axes = axes if isinstance(axes, (tuple, list)) else (axes,)
-    if len(rule) != 2 or not isinstance(rule[0], str) or not all(
-        a in (None, "data", "model") for a in axes):
-      raise ConfigError(f"mesh.rules entry {tuple(rule)!r} must be (logical axis name, mesh "
-                        "axis) with the mesh axis 'data', 'model', a tuple of them, or None.")
-
-
 def transformer_config(objective: str, **objective_fields) -> ml_collections.ConfigDict:
   """A token transformer recipe at base sizes, for a registered objective ('maskgit', 'gpt').
 
@@ -319,7 +226,7 @@ def transformer_config(objective: str, **objective_fields) -> ml_collections.Con
   c.mesh.data = -1
   c.mesh.model = 1
   # 'channels': each logical axis on the mesh axis `rules` maps it to; 'replicate', 'fsdp'
-  # as in tokenizer_config (vqjax.train.partitioning.param_shardings).
+  # as in tokenizer_config (vqjax.core.partitioning.param_shardings).
   c.mesh.param_sharding = "channels"
   c.mesh.rules = DEFAULT_LOGICAL_RULES  # logical axis -> mesh axis (None = replicated)
 
@@ -368,6 +275,10 @@ def transformer_config(objective: str, **objective_fields) -> ml_collections.Con
   c.train.checkpoint_every = 5000
   c.train.keep_checkpoints = 3
   c.train.max_consecutive_nonfinite = 10
+  # Stop when loss/total stays above divergence_factor x its running median (last 200 finite
+  # steps) for divergence_steps steps in a row (0 = off); see vqjax/train/loop.py.
+  c.train.divergence_factor = 10.0
+  c.train.divergence_steps = 20
 
   # During training, every `every_steps` (and at the last step): loss and accuracy on
   # tokens.val_dir, and a grid of `grid_images` samples decoded by config.tokenizer.
@@ -406,25 +317,3 @@ def transformer_smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.
   c.eval.num_samples = 8
   c.eval.reference_examples = 16
   return c
-
-
-def validate_transformer_config(c: ml_collections.ConfigDict, num_devices: int,
-                                process_count: int = 1) -> None:
-  m = c.model
-  registry.OBJECTIVES.check(m.objective)
-  if not 0.0 <= m.cond_dropout <= 1.0:
-    raise ConfigError(f"model.cond_dropout={m.cond_dropout} must be in [0, 1].")
-  if m.width % m.heads:
-    raise ConfigError(f"model.heads={m.heads} does not divide model.width={m.width}.")
-  if not c.tokens.dir:
-    raise ConfigError("tokens.dir is empty: extract tokens with a tokenizer config and "
-                      "--mode=tokenize, then pass --config.tokens.dir=<that folder>.")
-  validate_mesh(c)
-  data_size = mesh_data_size(c, num_devices)
-  for name, value in (("train.batch_size", c.train.batch_size),
-                      ("eval.batch_size", c.eval.batch_size),
-                      ("sample.batch_size", c.sample.batch_size)):
-    if value % (data_size * process_count):
-      raise ConfigError(f"{name}={value} cannot be split over the mesh's data axis of size "
-                        f"{data_size} and {process_count} process(es).")
-  validate_fid_settings(c.eval)

@@ -12,3 +12,15 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """A config value the code cannot run with; the message says what to change."""
+
+
+class WeightsNotFoundError(UserError, FileNotFoundError):
+  """A weight file (or the package that ships it) is missing; the message says what to install."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+  """A run directory has no checkpoint (at the requested step); the message says what to do."""
+
+
+class WorkdirError(UserError, OSError):
+  """A run directory that cannot be used: not a directory, not writable, or not creatable."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -36,11 +37,38 @@ def make_writer(workdir: str, is_main_process: bool):
   return metric_writers.create_default_writer(workdir, just_logging=not is_main_process)
 
 
+def _json_values(value, path: str, bad: list[str]):
+  """`value` with NumPy scalars and arrays as Python values, tuples as lists, and NaN/inf
+  floats as None (their dotted paths appended to `bad`)."""
+  if isinstance(value, dict):
+    return {k: _json_values(v, f"{path}.{k}" if path else str(k), bad) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_values(v, f"{path}[{i}]", bad) for i, v in enumerate(value)]
+  if isinstance(value, (np.ndarray, np.generic)):
+    return _json_values(value.tolist(), path, bad)
+  if isinstance(value, float) and not math.isfinite(value):
+    bad.append(path or "(value)")
+    return None
+  return value
+
+
+def json_payload(payload):
+  """`payload` as strict JSON can hold it: NumPy values as Python ones, and each non-finite
+  float as null, with a line in `notes` (added to a dict payload) naming those fields."""
+  bad: list[str] = []
+  out = _json_values(payload, "", bad)
+  if bad and isinstance(out, dict):
+    notes = out.get("notes")
+    notes = list(notes) if isinstance(notes, list) else ([notes] if notes else [])
+    out["notes"] = notes + [f"non-finite values (NaN or inf) written as null: {', '.join(bad)}"]
+  return out
+
+
 def write_json(path: str, payload: dict) -> None:
-  """Atomically write `payload` as indented JSON."""
+  """Atomically write `payload` as indented, valid JSON (`json_payload`: NaN/inf as null)."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+    json.dump(json_payload(payload), f, indent=2, sort_keys=True, allow_nan=False)
   os.replace(tmp, path)
 
 

@@ -8,7 +8,6 @@ share of the global batch.
 
 from __future__ import annotations
 
-import io
 import threading
 
 import grain
@@ -16,7 +15,13 @@ import numpy as np
 from PIL import Image
 
 from vqjax.console import warn
-from vqjax.data.sources import build_source
+from vqjax.data.images import ImageDecodeError, array_to_rgb, decode_image
+from vqjax.data.sources import ImagesNotDecodableError, build_source
+
+# Paths already warned about in this process: every pipeline over the same files (each
+# periodic evaluation builds one) warns about a bad file once, not once per pass.
+_WARNED: set[str] = set()
+_WARNED_LOCK = threading.Lock()
 
 
 class Preprocess:
@@ -24,32 +29,67 @@ class Preprocess:
 
   Used with `MapDataset.random_map`, which hands each element its own
   generator seeded from (seed, index): crops and flips are reproducible.
-  Corrupt images are logged, counted in `num_corrupt` and skipped.
+  Images are decoded by `vqjax.data.images` (file bytes or arrays alike). One
+  that cannot be decoded is skipped, warned about once per process and counted
+  once: `num_corrupt` is the number of distinct failing files, however often
+  Grain's read-ahead or the epochs meet them. When `num_files` (the distinct
+  files this pipeline reads) is given and every one of them has failed,
+  ImagesNotDecodableError naming `root` is raised instead of an endless stream
+  of skips.
   """
 
-  def __init__(self, image_size: int, resize_shorter: int, random_crop: bool, random_flip: bool):
+  def __init__(self, image_size: int, resize_shorter: int, random_crop: bool, random_flip: bool,
+               num_files: int | None = None, root: str = ""):
     self.image_size = image_size
     self.resize_shorter = max(resize_shorter, image_size)
     self.random_crop = random_crop
     self.random_flip = random_flip
-    self.num_corrupt = 0
+    self.num_files = num_files
+    self.root = root
+    self._failed: dict[str, str] = {}  # path -> why it failed, first failure first
+    self.decoded_any = False
     self._lock = threading.Lock()
 
+  @property
+  def num_corrupt(self) -> int:
+    """Distinct files (records) that failed to decode so far."""
+    with self._lock:
+      return len(self._failed)
+
+  def not_decodable_error(self) -> ImagesNotDecodableError:
+    """The error for a pipeline none of whose images decoded (names the folder)."""
+    with self._lock:
+      n, (path, why) = len(self._failed), next(iter(self._failed.items()), ("?", "?"))
+    return ImagesNotDecodableError(
+        f"the image files under {self.root or '?'} could not be decoded (none of the {n} read "
+        f"did; first: {path}: {why}): replace them with readable images, or point "
+        "config.data.folder / config.data.val_folder at a folder that holds some")
+
   def _decode(self, record: dict) -> np.ndarray | None:
-    image = record["image"]
-    if isinstance(image, (bytes, bytearray)):
-      try:
-        with Image.open(io.BytesIO(image)) as im:
-          return np.asarray(im.convert("RGB"))
-      except Exception as e:  # PIL raises several types for bad files
-        with self._lock:
-          self.num_corrupt += 1
-        warn(f"skipping corrupt image {record.get('path', '?')} ({e})")
+    path = str(record.get("path", "?"))
+    with self._lock:
+      if path in self._failed:  # decoding is deterministic: it would fail again
         return None
-    image = np.asarray(image)
-    if image.ndim == 2 or image.shape[-1] == 1:
-      image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
-    return image[..., :3]
+    try:
+      image = record["image"]
+      image = decode_image(image) if isinstance(image, (bytes, bytearray)) else array_to_rgb(image)
+    except ImageDecodeError as e:
+      self._failed_once(path, str(e))
+      return None
+    self.decoded_any = True
+    return image
+
+  def _failed_once(self, path: str, why: str) -> None:
+    with _WARNED_LOCK:
+      first = path not in _WARNED
+      _WARNED.add(path)
+    if first:
+      warn(f"skipping undecodable image {path} ({why})")
+    with self._lock:  # counted after the warning, so a count of n means n lines printed
+      self._failed.setdefault(path, why)
+      everything_failed = self.num_files is not None and len(self._failed) >= self.num_files
+    if everything_failed:
+      raise self.not_decodable_error()
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict | None:
     image = self._decode(record)
@@ -77,12 +117,24 @@ def train_dataset(config, process_index: int = 0, process_count: int = 1):
   """Infinite, shuffled, per-process training IterDataset and its Preprocess."""
   d = config.data
   source = build_source(d, d.train_split)
-  preprocess = Preprocess(d.image_size, d.resize_shorter, True, d.random_flip)
+  preprocess = Preprocess(d.image_size, d.resize_shorter, True, d.random_flip,
+                          _distinct_files(source, process_index, process_count),
+                          getattr(source, "root", ""))
   per_process = config.train.batch_size // process_count
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=config.seed).repeat(None).random_map(preprocess, seed=config.seed + 1)
   ds = ds.to_iter_dataset().batch(per_process, drop_remainder=True)
   return ds, preprocess
+
+
+def _distinct_files(source, process_index: int, process_count: int) -> int | None:
+  """How many distinct files one process's slice of a file source reads (None: not files)."""
+  paths = getattr(source, "paths", None)
+  if not paths:
+    return None
+  if process_count == 1:
+    return len(paths)
+  return len({i % len(paths) for i in range(process_index, len(source), process_count)})
 
 
 def _skip_then_batch(examples, skip: int, size: int):
@@ -106,11 +158,13 @@ def eval_batches(config, process_index: int = 0, process_count: int = 1, split: 
   for real examples and 0 for padding, so every batch splits over the mesh.
   `skip` drops the first `skip` decoded examples of the pass (resuming a
   writer that counted what it stored; corrupt images, already dropped, do
-  not shift the count).
+  not shift the count). A pass in which no image decodes raises
+  ImagesNotDecodableError naming the folder.
   """
   d = config.data
   source = build_source(d, split or d.val_split)
-  preprocess = Preprocess(d.image_size, d.resize_shorter, d.eval_random_crop, False)
+  preprocess = Preprocess(d.image_size, d.resize_shorter, d.eval_random_crop, False,
+                          root=getattr(source, "root", ""))
   per_process = (batch_size or config.eval.batch_size) // process_count
   max_examples = config.eval.max_examples if max_examples is None else max_examples
   ds = grain.MapDataset.source(source)[process_index::process_count]
@@ -124,6 +178,8 @@ def eval_batches(config, process_index: int = 0, process_count: int = 1, split: 
     examples = examples.batch(per_process, drop_remainder=False)
   for batch in examples:
     yield pad_batch(batch, per_process)
+  if not preprocess.decoded_any and preprocess.num_corrupt:
+    raise preprocess.not_decodable_error()
 
 
 def pad_batch(batch: dict, size: int) -> dict:

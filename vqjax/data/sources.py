@@ -2,14 +2,16 @@
 
 Every source is a sequence of records `{'image': bytes | uint8 [H, W, 3],
 'label': int}` with `__len__` and `__getitem__`, as Grain's
-`MapDataset.source` expects. Decoding happens in the pipeline so that a
-corrupt file is counted and skipped there, never fatal here.
+`MapDataset.source` expects. Decoding (`vqjax.data.images`) happens in the
+pipeline so that a corrupt file is counted and skipped there, never fatal here.
 """
 
 from __future__ import annotations
 
 import os
 from typing import Sequence
+
+from vqjax.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -23,17 +25,26 @@ EMBEDDED_IMAGES = (
 EMBEDDED_VAL_IMAGES = ("coffee.png", "motorcycle_right.png")
 
 
-class DataSetNotFoundError(FileNotFoundError):
+class DataSetNotFoundError(UserError, FileNotFoundError):
   """A configured data set is not where the config says; the message says what to do."""
 
 
-class FileImageSource:
-  """Records read lazily from image files; the label is the index of the file's class."""
+class ImagesNotDecodableError(DataSetNotFoundError):
+  """Every image file a pipeline was given failed to decode; the message names the folder."""
 
-  def __init__(self, paths: Sequence[str], labels: Sequence[int], repeats: int = 1):
+
+class FileImageSource:
+  """Records read lazily from image files; the label is the index of the file's class.
+
+  `root` (the folder the files came from) is what error messages name.
+  """
+
+  def __init__(self, paths: Sequence[str], labels: Sequence[int], repeats: int = 1,
+               root: str = ""):
     self.paths = list(paths)
     self.labels = list(labels)
     self.repeats = repeats
+    self.root = root
 
   def __len__(self) -> int:
     return len(self.paths) * self.repeats
@@ -62,7 +73,8 @@ def embedded_source(split: str, crops_per_image: int) -> FileImageSource:
   if missing:
     raise DataSetNotFoundError(
         f"embedded images missing from scikit-image ({missing[0]}): reinstall scikit-image.")
-  return FileImageSource(paths, [EMBEDDED_IMAGES.index(n) for n in names], crops_per_image)
+  return FileImageSource(paths, [EMBEDDED_IMAGES.index(n) for n in names], crops_per_image,
+                         root=root)
 
 
 def image_paths(folder: str) -> list[str]:
@@ -97,17 +109,17 @@ def folder_source(folder: str, val_folder: str, split: str, val_fraction: float)
   """An image folder; without `val_folder`, every round(1/val_fraction)-th file is validation."""
   is_val = split in ("val", "validation", "test")
   if is_val and val_folder:
-    return FileImageSource(*list_images(val_folder))
+    return FileImageSource(*list_images(val_folder), root=val_folder)
   paths, labels = list_images(folder)
   if val_folder:
-    return FileImageSource(paths, labels)
+    return FileImageSource(paths, labels, root=folder)
   every = max(2, round(1.0 / val_fraction))
   keep = [i for i in range(len(paths)) if (i % every == every - 1) == is_val]
   if not keep:
     raise DataSetNotFoundError(
         f"{folder!r} has too few images ({len(paths)}) to hold out a validation split; "
         "add images or set config.data.val_folder.")
-  return FileImageSource([paths[i] for i in keep], [labels[i] for i in keep])
+  return FileImageSource([paths[i] for i in keep], [labels[i] for i in keep], root=folder)
 
 
 class TfdsSource:
@@ -116,6 +128,7 @@ class TfdsSource:
   def __init__(self, name: str, split: str, data_dir: str | None):
     import tensorflow_datasets as tfds
 
+    self.root = f"TFDS {name} split {split}"
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
         "~/tensorflow_datasets")
     try:
@@ -134,7 +147,8 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict:
     record = self.source[index]
-    return {"image": record["image"], "label": int(record.get("label", 0)), "path": str(index)}
+    return {"image": record["image"], "label": int(record.get("label", 0)),
+            "path": f"{self.root} record {index}"}
 
 
 def build_source(data_cfg, split: str):
@@ -148,3 +162,61 @@ def build_source(data_cfg, split: str):
     return TfdsSource(data_cfg.name, split, data_cfg.data_dir)
   raise ValueError(f"config.data.source must be 'embedded', 'folder' or 'tfds', "
                    f"not {data_cfg.source!r}")
+
+
+# Ranges and choices of `config.data` (vqjax.checks), checked before anything is built.
+DATA_RULES = {"source": ("embedded", "folder", "tfds"), "image_size": ">=1",
+              "resize_shorter": ">=1", "val_fraction": "(0,1)", "crops_per_image": ">=1",
+              "eval_crops_per_image": ">=1"}
+
+
+def validate_data_config(data_cfg) -> None:
+  """ConfigError for a `config.data` field out of range or a source without its location."""
+  from vqjax.checks import check_fields
+  from vqjax.errors import ConfigError
+
+  check_fields(data_cfg, "data", DATA_RULES)
+  if data_cfg.source == "folder" and not data_cfg.folder:
+    raise ConfigError("data.source='folder' needs data.folder: set --config.data.folder to a "
+                      "directory of images.")
+  if data_cfg.source == "tfds" and not data_cfg.name:
+    raise ConfigError("data.source='tfds' needs data.name, e.g. --config.data.name=imagenet2012.")
+
+
+def check_data_exists(data_cfg, splits) -> None:
+  """DataSetNotFoundError, before any model is built, when a split of `splits` is not there.
+
+  A folder (and `val_folder`) must be a directory holding at least one image (found
+  without listing the whole tree); a TFDS data set must be prepared in its data_dir; the
+  embedded images must be installed.
+  """
+  if data_cfg.source == "folder":
+    for folder in (data_cfg.folder, data_cfg.val_folder):
+      if not folder:
+        continue
+      if not os.path.isdir(folder):
+        raise DataSetNotFoundError(
+            f"image folder {folder!r} does not exist: set config.data.folder (and "
+            "data.val_folder) to a directory of images (searched recursively).")
+      if not any(f.lower().endswith(IMAGE_EXTENSIONS)
+                 for _, _, files in os.walk(folder) for f in files):
+        raise DataSetNotFoundError(
+            f"no {'/'.join(IMAGE_EXTENSIONS)} images found under {folder!r}: point "
+            "config.data.folder at a folder that holds them.")
+    return
+  import logging
+
+  from vqjax.errors import ConfigError
+
+  absl_logger = logging.getLogger("absl")  # TFDS logs its probing of data_dir there
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    for split in dict.fromkeys(splits):
+      try:
+        build_source(data_cfg, split)
+      except ValueError as e:  # a split the source does not have
+        raise ConfigError(f"{e}: set the split fields of config.data (or tokenize.split) to "
+                          "one it has.") from None
+  finally:
+    absl_logger.setLevel(level)

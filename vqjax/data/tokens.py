@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import numpy as np
 
+from vqjax.errors import UserError
 
-class TokenStoreError(ValueError):
-  """A token store that does not fit the request; the message says what to do."""
+
+class TokenStoreError(UserError, ValueError):
+  """A token store that does not fit the request, or is damaged; the message says what to do."""
 
 
 def _write_npy(path: str, array: np.ndarray) -> None:
@@ -118,10 +121,61 @@ class TokenStore:
     if require_complete and not self.meta["complete"]:
       raise TokenStoreError(f"the token store in {folder} is incomplete: rerun --mode=tokenize "
                             "with the same settings to finish it")
+    self.folder = folder
+    dtype = _dtype(self.codebook_size)
+    for s in self.meta["shards"]:
+      self._check_shard(s["tokens"], dtype, (s["count"], *self.token_shape))
+      self._check_shard(s["labels"], np.int32, (s["count"],))
     self._tokens = [np.load(os.path.join(folder, s["tokens"]), mmap_mode="r")
                     for s in self.meta["shards"]]
     self._labels = [np.load(os.path.join(folder, s["labels"])) for s in self.meta["shards"]]
     self._starts = np.cumsum([0] + [s["count"] for s in self.meta["shards"]])
+
+  def _check_shard(self, name: str, dtype, shape: tuple[int, ...]) -> None:
+    """Raise TokenStoreError unless shard file `name` is a whole .npy of `dtype` and `shape`."""
+    path = os.path.join(self.folder, name)
+    try:
+      with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        got_shape, fortran, got_dtype = read_header(f)
+        data_start = f.tell()
+      size = os.path.getsize(path)
+    except FileNotFoundError:
+      raise TokenStoreError(f"token shard {path} is missing: {self.rebuild_hint()}") from None
+    except (OSError, ValueError) as e:
+      raise TokenStoreError(f"token shard {path} is not a readable .npy file ({e}): "
+                            f"{self.rebuild_hint()}") from None
+    if got_dtype != np.dtype(dtype) or tuple(got_shape) != tuple(shape) or fortran:
+      raise TokenStoreError(
+          f"token shard {path} holds {got_dtype} {tuple(got_shape)}, but meta.json says "
+          f"{np.dtype(dtype)} {tuple(shape)}: {self.rebuild_hint()}")
+    expected = data_start + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size != expected:
+      raise TokenStoreError(
+          f"token shard {path} is {size} bytes, but {tuple(shape)} {np.dtype(dtype)} needs "
+          f"{expected} (the file is {'truncated' if size < expected else 'too long'}): "
+          f"{self.rebuild_hint()}")
+
+  def rebuild_hint(self) -> str:
+    """What to run to write this store again, from what its meta.json records."""
+    source = self.meta.get("source") or {}
+    workdir = source.get("tokenizer_workdir")
+    split = (source.get("data") or {}).get("split")
+    folder = os.path.abspath(self.folder)
+    args = [f"--workdir={shlex.quote(workdir)}" if workdir else "--workdir=<the tokenizer workdir>",
+            "--mode=tokenize"]
+    if split:
+      args.append(f"--config.tokenize.split={shlex.quote(split)}")
+    if not (workdir and split and folder == os.path.join(workdir, f"tokens_{split}")):
+      args.append(f"--config.tokenize.output_dir={shlex.quote(folder)}")
+    command = " ".join(["python -m vqjax.main --config=<the tokenizer recipe>", *args])
+    data = source.get("data") or {}
+    described = ", ".join(f"{k}={data[k]}" for k in ("source", "name", "folder", "split",
+                                                     "image_size") if data.get(k))
+    return (f"delete {self.folder} and rebuild it with `{command}`"
+            + (f" (the store was written from data {described})" if described else ""))
 
   @property
   def token_shape(self) -> tuple[int, ...]:

@@ -22,12 +22,12 @@ import jax
 import numpy as np
 
 from vqjax.console import console, warn
+from vqjax.core import partitioning
 from vqjax.core.writers import image_grid, write_images, write_json
 from vqjax.data.pipeline import eval_batches
 from vqjax.eval import feature_stats as fs
 from vqjax.eval import inception_features as incf
 from vqjax.ops import quantize as vq
-from vqjax.train import partitioning
 
 
 def summarize_eval(sums: dict) -> dict[str, float]:
@@ -103,6 +103,15 @@ def reference_stats(config, extractor: incf.InceptionExtractor, split: str) -> d
   return ref.finish()
 
 
+def real_rows_grid(batch: dict, x_hat: np.ndarray) -> np.ndarray | None:
+  """[input | reconstruction] rows of a padded eval batch's real images only (mask > 0),
+  never the padding's repeats of its last image; None when the batch has no real image."""
+  real = np.asarray(batch["mask"]) > 0
+  if not real.any():
+    return None
+  return image_grid([np.asarray(batch["image"])[real], x_hat[real]])
+
+
 def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config, mesh,
                        inception: incf.InceptionExtractor | None = None
                        ) -> tuple[dict, np.ndarray | None]:
@@ -126,7 +135,7 @@ def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config, mesh,
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
       bar.update(int(sums["count"]))
       if i == 0 and jax.process_count() == 1:
-        grid = image_grid([batch["image"], np.asarray(jax.device_get(x_hat))])
+        grid = real_rows_grid(batch, np.asarray(jax.device_get(x_hat)))
   if totals is None:
     raise ValueError("the validation split yielded no images: check config.data and "
                      "config.eval.max_examples")

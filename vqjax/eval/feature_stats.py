@@ -21,8 +21,10 @@ import warnings
 import numpy as np
 import scipy.linalg
 
+from vqjax.errors import UserError
 
-class FIDError(ValueError):
+
+class FIDError(UserError, ValueError):
   """Statistics FID cannot be computed from; the message says what to do."""
 
 

@@ -13,15 +13,20 @@ line: fid, kid and kid_std (when both sides have raw features), counts.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-from absl import app, flags, logging
+# Before anything imports TensorFlow: no C++ start-up lines on the console (as vqjax.main).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from vqjax.data.sources import IMAGE_EXTENSIONS, image_paths
+import json  # noqa: E402
+import sys  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from vqjax.data.sources import IMAGE_EXTENSIONS, image_paths  # noqa: E402
 
 _A = flags.DEFINE_string("a", None, "First image folder or statistics .npz.")
 _B = flags.DEFINE_string("b", None, "Second image folder or statistics .npz.")
@@ -37,16 +42,15 @@ _MAX_FEATURES = flags.DEFINE_integer("max_features", 50_000,
 
 
 def load_image_299(path: str) -> np.ndarray:
-  """RGB image resized to 299x299 (FID bilinear), float32 in [-1, 1]."""
-  from PIL import Image, UnidentifiedImageError
-
+  """An image file decoded as the input pipeline decodes it (`vqjax.data.images`), resized to
+  299x299 (FID bilinear), float32 in [-1, 1]. An undecodable file raises FIDError."""
+  from vqjax.data.images import ImageDecodeError, decode_image
   from vqjax.eval.feature_stats import FIDError
   from vqjax.nn.inception import INPUT_SIZE, bilinear_resize_matrix
 
   try:
-    with Image.open(path) as im:
-      x = np.asarray(im.convert("RGB"), np.float32)
-  except (OSError, UnidentifiedImageError, ValueError) as e:
+    x = decode_image(path).astype(np.float32)
+  except ImageDecodeError as e:
     raise FIDError(f"cannot read image {path} ({e}): remove or replace the file and rerun") from e
   h, w = x.shape[:2]
   if (h, w) != (INPUT_SIZE, INPUT_SIZE):
@@ -160,17 +164,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  from vqjax.eval.feature_stats import FIDError
+  from vqjax.core.writers import json_payload
+  from vqjax.errors import UserError
 
   try:
     result = compare(_A.value, _B.value, batch_size=_BATCH.value, fid_method=_METHOD.value,
                      kid_subsets=_KID_SUBSETS.value, kid_subset_size=_KID_SIZE.value,
                      precision_recall=_PR.value, max_features=_MAX_FEATURES.value,
                      save_a=_SAVE_A.value, save_b=_SAVE_B.value)
-  except (FIDError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
+  except (UserError, FileNotFoundError) as e:  # FIDError, missing weights or folders
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     sys.exit(2)
-  print(json.dumps(result), flush=True)
+  print(json.dumps(json_payload(result), allow_nan=False), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from vqjax.core import partitioning
 from vqjax.eval.feature_stats import FIDError, RunningStats
 from vqjax.nn.inception import FEATURE_DIM, FIDInceptionV3, inception_input
-from vqjax.train import partitioning
 from vqjax.weights.fid_inception import fid_inception_path, file_digest, load_fid_inception_params
 
 # Bump when the preprocessing in front of the network changes (invalidates caches).

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vqjax.errors import ConfigError
+from vqjax.checks import check_fields
 
 
 def add_fid_settings(e: ml_collections.ConfigDict) -> None:
@@ -20,10 +20,11 @@ def add_fid_settings(e: ml_collections.ConfigDict) -> None:
   e.stats_cache_dir = ""  # '' = $VQJAX_CACHE_DIR or ~/.cache/vqjax/fid_stats
 
 
+# Ranges and choices of the fields `add_fid_settings` adds (vqjax.checks).
+FID_RULES = {"fid_method": ("sqrtm", "eigh"), "kid_subsets": ">=1", "kid_subset_size": ">=1",
+             "max_features": ">=1"}
+
+
 def validate_fid_settings(e: ml_collections.ConfigDict) -> None:
-  """Enumerated values and ranges of the fields `add_fid_settings` adds."""
-  if e.fid_method not in ("sqrtm", "eigh"):
-    raise ConfigError(f"eval.fid_method must be 'sqrtm' or 'eigh', not {e.fid_method!r}.")
-  for name in ("kid_subsets", "kid_subset_size", "max_features"):
-    if e[name] < 1:
-      raise ConfigError(f"eval.{name}={e[name]} must be >= 1.")
+  """ConfigError for a field `add_fid_settings` adds outside `FID_RULES`."""
+  check_fields(e, "eval", FID_RULES)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from vqjax import registry
+from vqjax.checks import check_fields
 from vqjax.nn.encoders import check_widths
 from vqjax.nn.layers import AttnBlock, ResBlock, Upsample, conv, group_norm, swish
 
@@ -42,7 +43,9 @@ class Decoder(nn.Module):
 
   @staticmethod
   def check_config(cfg) -> None:
+    """The widths (`check_widths`) and num_res_blocks >= 0."""
     check_widths("model.decoder", cfg.ch, cfg.ch_mult, cfg.norm_groups)
+    check_fields(cfg, "model.decoder", {"num_res_blocks": ">=0"})
 
   @nn.compact
   def __call__(self, z: jax.Array, z_q: jax.Array | None = None) -> jax.Array:

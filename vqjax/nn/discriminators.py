@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from vqjax import registry
+from vqjax.checks import check_fields
 from vqjax.nn.layers import CHANNEL_AXES, conv, named
 
 
@@ -49,6 +50,11 @@ class PatchDiscriminator(nn.Module):
 
   ndf: int = 64
   num_layers: int = 3
+
+  @staticmethod
+  def check_config(cfg) -> None:
+    """ndf >= 1 and num_layers >= 1."""
+    check_fields(cfg, "disc", {"ndf": ">=1", "num_layers": ">=1"})
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:

@@ -9,12 +9,19 @@ import jax
 import jax.numpy as jnp
 
 from vqjax import registry
+from vqjax.checks import check_fields
 from vqjax.errors import ConfigError
 from vqjax.nn.layers import AttnBlock, Downsample, ResBlock, conv, group_norm, swish
 
 
 def check_widths(where: str, ch: int, ch_mult: Sequence[int], norm_groups: int) -> None:
-  """GroupNorm(norm_groups) must divide every level's width ch * mult (and ch)."""
+  """Positive ch, norm_groups and multipliers, and GroupNorm(norm_groups) dividing every
+  level's width ch * mult (and ch)."""
+  check_fields({"ch": ch, "norm_groups": norm_groups}, where,
+               {"ch": ">=1", "norm_groups": ">=1"})
+  if not ch_mult or min(ch_mult) < 1:
+    raise ConfigError(f"{where}.ch_mult={tuple(ch_mult)} must be a non-empty sequence of "
+                      "channel multipliers >= 1, one per resolution level.")
   widths = [ch * k for k in ch_mult] + [ch]
   bad = [w for w in widths if w % norm_groups]
   if bad:
@@ -45,7 +52,9 @@ class Encoder(nn.Module):
 
   @staticmethod
   def check_config(cfg) -> None:
+    """The widths (`check_widths`) and num_res_blocks >= 0."""
     check_widths("model.encoder", cfg.ch, cfg.ch_mult, cfg.norm_groups)
+    check_fields(cfg, "model.encoder", {"num_res_blocks": ">=0"})
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

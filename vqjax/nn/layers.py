@@ -2,7 +2,7 @@
 
 Every parameter of the tokenizer side carries logical axis names
 (`flax.linen.with_logical_partitioning`), which the rules in `config.mesh`
-map to mesh axes (`vqjax.train.partitioning.param_shardings`):
+map to mesh axes (`vqjax.core.partitioning.param_shardings`):
 
 | parameter                      | logical axes                                          |
 |--------------------------------|-------------------------------------------------------|

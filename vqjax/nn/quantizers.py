@@ -77,6 +77,8 @@ def check_quantizer_config(q) -> None:
       ("temperature", lambda v: v > 0, "> 0"),
       ("decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
       ("ema_decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+      ("ema_epsilon", lambda v: v > 0, "> 0"),
+      ("beta", lambda v: v >= 0, ">= 0"),
   ]
   for field, ok, wanted in checks:
     if field in q and not ok(q[field]):

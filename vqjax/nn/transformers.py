@@ -3,7 +3,7 @@
 Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`,
 `vocab`; `None` for position tables), so a rule list such as
 `(("mlp", "model"), ("heads", "model"), ("vocab", "model"))` shards them over
-the mesh's `model` axis (`vqjax.train.partitioning.param_shardings`).
+the mesh's `model` axis (`vqjax.core.partitioning.param_shardings`).
 
 The KV cache is explicit state: `GPT.init_cache` makes it and every call
 that takes it returns the updated one, so decoding is a pure function of

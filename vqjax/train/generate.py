@@ -15,29 +15,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqjax.core import checkpoint
 from vqjax.core.config_files import load_config_file
-from vqjax.errors import ConfigError
-from vqjax.train import checkpoint
+from vqjax.errors import CheckpointNotFoundError, ConfigError
 
 
 def require_checkpoints(workdir: str, what: str) -> None:
   """Stop, naming the folder, if `workdir` has no checkpoint of `what` yet."""
   folder = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(folder) or not any(name.isdigit() for name in os.listdir(folder)):
-    raise FileNotFoundError(f"no {what} checkpoint in {folder}: train it first, or point the "
-                            "config at its run directory")
+    raise CheckpointNotFoundError(f"no {what} checkpoint in {folder}: train it first, or point "
+                                  "the config at its run directory")
 
 
 def restore_latest(workdir: str, template, what: str):
-  """(state shaped and placed like `template`, step) of the latest checkpoint in `workdir`."""
+  """(state shaped and placed like `template`, step) of the newest checkpoint in `workdir`
+  that restores (damaged newer ones are moved aside: `checkpoint.restore_newest_good`)."""
   require_checkpoints(workdir, what)
-  manager = checkpoint.make_manager(workdir, 1, async_save=False)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no {what} checkpoint in {os.path.join(workdir, 'checkpoints')}: "
-                            "train it first")
-  state, _ = checkpoint.restore(manager, step, template, with_data=False)
-  manager.close()
+  state, _, step = checkpoint.restore_newest_good(workdir, template, with_data=False)
   return state, step
 
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from vqjax.config_lib import ConfigError
+from vqjax.errors import ConfigError
+
+
+class RunStopped(Exception):
+  """A signal (SIGTERM/SIGINT) stopped a training run after its loop saved what it could;
+  rerunning the same command resumes it. `python -m vqjax.main` exits with EX_TEMPFAIL (75)."""
 
 
 def _tokenizer_train(config, workdir: str, stop):
@@ -97,19 +102,63 @@ def check_mode(config, mode: str) -> None:
 def run_mode(config, workdir: str, mode: str, stop=None):
   """Run `mode` of `config` in `workdir` and return what its runner returns.
 
-  `stop` (a `vqjax.train.loop.StopRequest`) reaches the training loops: when a
-  signal or the caller sets it, they save a checkpoint and return early, and
-  the caller can tell by `bool(stop)`. Without one the loop makes its own.
+  `stop` (a `vqjax.train.loop.StopRequest`, made here when not given) reaches
+  the training loops: when a signal or the caller sets it, they save a
+  checkpoint and return early, and then this raises RunStopped.
+  Before the runner builds anything, `check_inputs` checks the config, the
+  data set and the directories the mode writes (a pipeline checks its stages'
+  configs and directories itself, then each stage again as it starts).
   """
   check_mode(config, mode)
-  return RUNNERS[(config.trainer, mode)](config, workdir, stop)
+  check_inputs(config, workdir, mode)
+  from vqjax.train.loop import StopRequest
+
+  stop = stop if stop is not None else StopRequest()
+  result = RUNNERS[(config.trainer, mode)](config, workdir, stop)
+  if stop:
+    raise RunStopped(f"a signal stopped --mode={mode} in {workdir} after it saved a checkpoint; "
+                     "run the same command again to resume it")
+  return result
+
+
+# The data splits a tokenizer mode reads (train evaluates on the val split as it goes).
+_TOKENIZER_SPLITS = {"train": lambda c: (c.data.train_split, c.data.val_split),
+                     "eval": lambda c: (c.data.val_split,),
+                     "tokenize": lambda c: (c.tokenize.split,)}
+
+
+def check_inputs(config, workdir: str, mode: str) -> None:
+  """UserError before anything is built: the config (`validate_config`), the tokenizer's
+  data set (`check_data_exists` of the splits the mode reads), the run directory and the
+  token store's folder (`check_workdir`), and for the modes that restore a trained run, a
+  checkpoint in the run directory."""
+  from vqjax.core.workdir import check_workdir
+
+  if config.trainer != "pipeline":
+    import jax
+
+    validate_config(config, jax.device_count(), jax.process_count())
+  if config.trainer == "tokenizer":
+    from vqjax.data.sources import check_data_exists
+
+    check_data_exists(config.data, _TOKENIZER_SPLITS[mode](config))
+  check_workdir(workdir)
+  if mode != "train" and config.trainer != "pipeline":  # these modes restore a trained run
+    from vqjax.train.generate import require_checkpoints
+
+    require_checkpoints(workdir, config.trainer)
+  if mode == "tokenize" and config.tokenize.output_dir:
+    check_workdir(config.tokenize.output_dir, "tokenize.output_dir")
 
 
 def validate_config(config, num_devices: int, process_count: int = 1) -> None:
-  """The config checks its trainer's setup starts with (ConfigError), without building anything."""
-  from vqjax import config_lib
+  """The config checks its trainer's setup starts with (ConfigError), without building
+  anything; only the validating trainer's module is imported."""
+  if config.trainer == "tokenizer":
+    from vqjax.train.tokenizer import validate_tokenizer_config
 
-  validators = {"tokenizer": config_lib.validate_tokenizer_config,
-                "transformer": config_lib.validate_transformer_config}
-  if config.trainer in validators:
-    validators[config.trainer](config, num_devices, process_count)
+    validate_tokenizer_config(config, num_devices, process_count)
+  elif config.trainer == "transformer":
+    from vqjax.train.transformer import validate_transformer_config
+
+    validate_transformer_config(config, num_devices, process_count)

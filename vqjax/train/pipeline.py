@@ -26,7 +26,7 @@ spec, resolved config or an earlier stage has changed since; an unfinished
 stage is run again and resumes (the trainers from their checkpoints,
 --mode=tokenize from its store). A SIGTERM/SIGINT during a training stage
 makes the trainer save and return early: that stage is not marked and the
-pipeline stops with PipelineStopped.
+pipeline stops with PipelineStopped (a `modes.RunStopped`: exit status 75).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import ml_collections
 from vqjax.console import console
 from vqjax.core.config_files import load_config_file
 from vqjax.errors import ConfigError
+from vqjax.train.modes import RunStopped
 
 MARKER = "stage_finished.json"
 STAGE_FIELDS = ("name", "config", "mode", "workdir", "overrides")
@@ -56,7 +57,7 @@ class PipelineError(ConfigError):
   """A pipeline that cannot run as written, or that disagrees with what DIR already holds."""
 
 
-class PipelineStopped(Exception):
+class PipelineStopped(RunStopped):
   """A signal stopped a stage before it finished; rerunning the command resumes it."""
 
 
@@ -280,10 +281,12 @@ def plan(config, workdir: str) -> list[Stage]:
   Raises PipelineError for a bad stage field or name, a reference to an
   unknown or later stage, a recipe that does not load, a mode that does not
   apply, an override key that does not exist, a config its trainer rejects,
-  or a finished stage whose marker disagrees with the recipe.
+  or a finished stage whose marker disagrees with the recipe; WorkdirError
+  for a stage directory that cannot be written.
   """
   import jax
 
+  from vqjax.core.workdir import check_workdir
   from vqjax.train import modes
 
   specs = _stage_specs(config)
@@ -301,6 +304,8 @@ def plan(config, workdir: str) -> list[Stage]:
       modes.validate_config(stage_config, jax.device_count(), jax.process_count())
     except ConfigError as e:
       raise PipelineError(f"{where}: {e}") from None
+    check_workdir(os.path.join(workdir, spec["name"]), f"{where}: stage directory")
+    check_workdir(run_dir, f"{where}: workdir")
     identity = _as_json({"spec": spec, "config": symbolic_config.to_dict()})
     stages.append(Stage(index, len(specs), spec["name"], spec, stage_config, run_dir,
                         os.path.join(workdir, spec["name"]), identity, _digest(identities)))
@@ -350,10 +355,11 @@ def run_pipeline(config, workdir: str, stop=None) -> list[Stage]:
     console(f"pipeline {s.label}: --mode={s.mode} in {s.workdir}; "
           f"{s.total - s.index} stage(s) after it")
     request = stop if stop is not None else StopRequest()
-    run_mode(s.config, s.workdir, s.mode, stop=request)
-    if request:
+    try:
+      run_mode(s.config, s.workdir, s.mode, stop=request)
+    except RunStopped:
       raise PipelineStopped(f"{s.label} was stopped by a signal and is not marked finished; "
-                            "run the same command again to resume it.")
+                            "run the same command again to resume it.") from None
     _mark_finished(s)
   console(f"pipeline finished: {len(stages)} stage(s) in {workdir}")
   return stages

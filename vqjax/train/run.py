@@ -11,15 +11,13 @@ import jax
 import numpy as np
 from clu import parameter_overview, periodic_actions
 
-from vqjax.config_lib import validate_tokenizer_config
 from vqjax.console import console
-from vqjax.core import trees
+from vqjax.core import checkpoint, partitioning, trees
 from vqjax.core.writers import image_grid, make_writer, write_images
 from vqjax.data.pipeline import train_dataset
 from vqjax.eval.evaluator import IS_UNAVAILABLE, evaluate_tokenizer, write_eval
 from vqjax.eval.inception_features import InceptionExtractor
 from vqjax.losses.terms import Perceptual
-from vqjax.train import checkpoint, partitioning
 from vqjax.train.loop import StopRequest, TrainRun, every
 from vqjax.train.tokenizer import (
   build_models,
@@ -28,6 +26,7 @@ from vqjax.train.tokenizer import (
   make_eval_step,
   make_train_step,
   tokenizer_variables,
+  validate_tokenizer_config,
 )
 from vqjax.weights.lpips_vgg16 import load_lpips_params
 
@@ -119,7 +118,7 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
 
   current = {}
   periodic_eval = periodic_actions.PeriodicCallback(
-      every_steps=config.eval.every_steps, on_steps=[total], pass_step_and_time=True,
+      every_steps=config.eval.every_steps or None, on_steps=[total], pass_step_and_time=True,
       callback_fn=lambda step, t: write_eval(r.writer, workdir, step,
                                              *s.evaluate(current["state"]), notes=s.notes))
 
@@ -148,16 +147,10 @@ def init_from(cfg, state, shardings):
 
 
 def restore_for_eval(config, workdir: str, s: Setup):
-  """(state, step) of the latest checkpoint, or of `config.eval.checkpoint_step`."""
-  manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints, async_save=False)
-  step = config.eval.checkpoint_step if config.eval.checkpoint_step >= 0 else manager.latest_step()
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(
-        f"no checkpoint{'' if step is None else f' at step {step}'} in "
-        f"{os.path.join(workdir, 'checkpoints')}: train first, or set --workdir to a run "
-        f"directory (available steps: {list(manager.all_steps())}).")
-  state, _ = checkpoint.restore(manager, step, s.state, with_data=False)
-  manager.close()
+  """(state, step) of the newest checkpoint that restores (damaged newer ones are moved
+  aside: `checkpoint.restore_newest_good`), or of `config.eval.checkpoint_step`."""
+  state, _, step = checkpoint.restore_newest_good(workdir, s.state, with_data=False,
+                                                  step=config.eval.checkpoint_step)
   return state, step
 
 

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 
 from vqjax.console import console
+from vqjax.core import partitioning
 from vqjax.data.pipeline import eval_batches
 from vqjax.data.tokens import TokenStoreWriter
 from vqjax.eval.inception_features import data_description, progress_bar
 from vqjax.nn.vqgan import VQGAN
-from vqjax.train import partitioning
 from vqjax.train.tokenizer import tokenizer_variables
 
 

@@ -16,10 +16,16 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from vqjax import registry
+from vqjax.checks import check_table
 from vqjax.core import trees
+from vqjax.core.partitioning import mesh_data_size, validate_mesh
+from vqjax.data.sources import validate_data_config
+from vqjax.errors import ConfigError
+from vqjax.eval.settings import validate_fid_settings
 from vqjax.losses import gan as gan_lib
 from vqjax.losses.adaptive import last_layer_grad
 from vqjax.losses.terms import build_terms, total_loss
@@ -27,6 +33,7 @@ from vqjax.nn.vgg import LPIPS
 from vqjax.nn.vqgan import VQGAN
 from vqjax.ops import losses
 from vqjax.ops.metrics import psnr, ssim
+from vqjax.train.loop import validate_guards
 from vqjax.train.state import TokenizerState
 
 sg = jax.lax.stop_gradient
@@ -87,7 +94,7 @@ def init_state(models: TokenizerModels, config, rng: jax.Array) -> TokenizerStat
   """Fresh state of plain arrays; run under jit with out_shardings to place it on the mesh.
 
   The shardings come from `init_boxed_state`'s logical axis names
-  (`vqjax.train.partitioning.param_shardings` of its `jax.eval_shape`).
+  (`vqjax.core.partitioning.param_shardings` of its `jax.eval_shape`).
   """
   return nn.unbox(init_boxed_state(models, config, rng))
 
@@ -267,3 +274,75 @@ def make_eval_step(models: TokenizerModels, config):
     return sums, x_hat
 
   return eval_step
+
+
+# Ranges and choices of the tokenizer's own fields (vqjax.checks); the parts check theirs
+# (registry `check_config`), the data fields are checked in vqjax/data/sources.py, the FID
+# fields in vqjax/eval/settings.py.
+TOKENIZER_RULES = {
+    "train": {"steps": ">=1", "batch_size": ">=1", "log_every": ">=1",
+              "image_every": ">=0",  # 0 = only at the last step
+              "checkpoint_every": ">=1", "keep_checkpoints": ">=1",
+              "max_consecutive_nonfinite": ">=1"},
+    "eval": {"every_steps": ">=0",  # 0 = only at the last step
+             "batch_size": ">=1", "max_examples": ">=0", "checkpoint_step": ">=-1"},
+    "tokenize": {"batch_size": ">=1", "max_examples": ">=0", "shard_size": ">=1"},
+    "model": {"z_channels": ">=1"},
+    "loss": {"codebook_weight": ">=0", "disc_weight": ">=0", "disc_start": ">=0",
+             "adaptive_weight_max": ">0", "r1_weight": ">=0", "lecam_weight": ">=0",
+             "lecam_decay": "[0,1)"},
+    "optim": {"name": ("adam", "adamw"), "schedule": ("constant", "warmup_cosine"),
+              "lr": ">0", "disc_lr": ">0", "b1": "[0,1)", "b2": "[0,1)",
+              "weight_decay": ">=0", "warmup_steps": ">=0"},
+    "init_from": {"step": ">=-1"},
+}
+
+
+def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
+                              process_count: int = 1) -> None:
+  """Check what would otherwise fail deep inside compilation: the ranges and choices of
+  every field (`TOKENIZER_RULES`, the data fields), every part by its registry (names,
+  fields, the part's own ranges), then the sizes that tie the parts together."""
+  check_table(c, TOKENIZER_RULES)
+  validate_data_config(c.data)
+  validate_fid_settings(c.eval)
+  m = c.model
+  for reg, part in ((registry.ENCODERS, m.encoder), (registry.QUANTIZERS, m.quantizer),
+                    (registry.DECODERS, m.decoder), (registry.DISCRIMINATORS, c.disc),
+                    (registry.GAN_LOSSES, c.loss.gan)):
+    reg.check(part)
+  for label, term in c.loss.terms.items():
+    if "name" not in term:
+      raise ConfigError(f"loss.terms.{label} has no 'name': choose one of "
+                        f"{registry.LOSS_TERMS.names()}.")
+    registry.LOSS_TERMS.check(term)
+  downsampling = getattr(registry.ENCODERS.get(m.encoder.name), "downsampling", None)
+  factor = downsampling(m.encoder) if downsampling else 1
+  if c.data.image_size % factor:
+    raise ConfigError(
+        f"data.image_size={c.data.image_size} is not divisible by the encoder's downsampling "
+        f"factor {factor} (model.encoder.ch_mult={tuple(m.encoder.ch_mult)}): use a multiple "
+        f"of {factor}, e.g. {max(factor, c.data.image_size // factor * factor)}.")
+  data_size = mesh_data_size(c, num_devices)
+  for name, batch in (("train.batch_size", c.train.batch_size),
+                      ("eval.batch_size", c.eval.batch_size),
+                      ("tokenize.batch_size", c.tokenize.batch_size)):
+    if batch % data_size or batch % process_count:
+      raise ConfigError(
+          f"{name}={batch} cannot be split over the mesh's data axis of size {data_size} "
+          f"and {process_count} process(es): use a multiple of {data_size * process_count}.")
+  _validate_frozen(c.optim.frozen)
+  validate_mesh(c)
+  validate_guards(c.train)
+
+
+def _validate_frozen(frozen) -> None:
+  """ConfigError for an `optim.frozen` pattern that is not a regular expression."""
+  import re
+
+  for pattern in frozen:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f"optim.frozen pattern {pattern!r} is not a regular expression: "
+                        f"{e}") from None

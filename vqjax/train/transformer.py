@@ -24,20 +24,24 @@ import flax.struct
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from vqjax import registry
-from vqjax.config_lib import ConfigError, validate_transformer_config
+from vqjax.checks import check_table
 from vqjax.console import console
-from vqjax.core import trees
+from vqjax.core import partitioning, trees
+from vqjax.core.partitioning import mesh_data_size, validate_mesh
 from vqjax.core.writers import make_writer, write_images
 from vqjax.data.pipeline import pad_batch
 from vqjax.data.tokens import TokenStore, TokenStoreError
+from vqjax.errors import ConfigError
+from vqjax.eval.settings import validate_fid_settings
 from vqjax.objectives.base import Conditions, Objective
 from vqjax.ops.images import square_grid, to_uint8
-from vqjax.train import generate, partitioning
-from vqjax.train.loop import StopRequest, TrainRun, every
+from vqjax.train import generate
+from vqjax.train.loop import StopRequest, TrainRun, every, validate_guards
 
 
 @flax.struct.dataclass
@@ -295,3 +299,48 @@ def evaluate(config, workdir: str) -> dict:
   write_eval(writer, workdir, m.step, metrics, None)
   writer.flush()
   return metrics
+
+
+# Ranges and choices of the transformer's fields (vqjax.checks); the FID fields are checked
+# in vqjax/eval/settings.py.
+TRANSFORMER_RULES = {
+    "train": {"steps": ">=1", "batch_size": ">=1", "log_every": ">=1",
+              "checkpoint_every": ">=1", "keep_checkpoints": ">=1",
+              "max_consecutive_nonfinite": ">=1"},
+    "eval": {"every_steps": ">=0",  # 0 = only at the last step
+             "batch_size": ">=1", "max_examples": ">=0", "grid_images": ">=0",
+             "num_samples": ">=2", "reference_examples": ">=0"},
+    "sample": {"num_images": ">=1", "batch_size": ">=1", "steps": ">=1",
+               "choice_temperature": ">=0", "temperature": ">0", "top_k": ">=0",
+               "top_p": "(0,1]", "guidance_scale": ">=0"},
+    "model": {"width": ">=1", "depth": ">=1", "heads": ">=1", "mlp_dim": ">=1",
+              "dropout": "[0,1)", "num_classes": ">=0", "cond_dropout": "[0,1]"},
+    "model.objective": {"label_smoothing": "[0,1)"},
+    "optim": {"lr": ">0", "warmup_steps": ">=0", "weight_decay": ">=0", "b1": "[0,1)",
+              "b2": "[0,1)", "grad_clip": ">0"},
+}
+
+
+def validate_transformer_config(c: ml_collections.ConfigDict, num_devices: int,
+                                process_count: int = 1) -> None:
+  """Check, before anything is built: the ranges and choices of every field
+  (`TRANSFORMER_RULES`, the FID fields), the objective by its registry, the sizes that must
+  divide each other, the token store's folder being set, and the mesh."""
+  check_table(c, TRANSFORMER_RULES)
+  validate_fid_settings(c.eval)
+  m = c.model
+  registry.OBJECTIVES.check(m.objective)
+  if m.width % m.heads:
+    raise ConfigError(f"model.heads={m.heads} does not divide model.width={m.width}.")
+  if not c.tokens.dir:
+    raise ConfigError("tokens.dir is empty: extract tokens with a tokenizer config and "
+                      "--mode=tokenize, then pass --config.tokens.dir=<that folder>.")
+  validate_mesh(c)
+  data_size = mesh_data_size(c, num_devices)
+  for name, value in (("train.batch_size", c.train.batch_size),
+                      ("eval.batch_size", c.eval.batch_size),
+                      ("sample.batch_size", c.sample.batch_size)):
+    if value % (data_size * process_count):
+      raise ConfigError(f"{name}={value} cannot be split over the mesh's data axis of size "
+                        f"{data_size} and {process_count} process(es).")
+  validate_guards(c.train)

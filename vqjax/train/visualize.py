@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 
 from vqjax import registry
-from vqjax.config_lib import ConfigError
 from vqjax.console import console
 from vqjax.core.writers import image_grid, write_json
 from vqjax.data.pipeline import eval_batches
+from vqjax.errors import ConfigError
 from vqjax.sampling.visualize import teacher_forced_top1
 from vqjax.train import transformer
 from vqjax.train.generate import decode_tokens

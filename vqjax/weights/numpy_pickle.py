@@ -12,6 +12,8 @@ import pickle
 
 import numpy as np
 
+from vqjax.errors import UserError
+
 # NumPy 1.x wrote `numpy.core.*`; NumPy 2 renamed the module `numpy._core`.
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,
@@ -21,7 +23,7 @@ _ALLOWED = {
 }
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(UserError, pickle.UnpicklingError):
   """A pickle asked for a global that a weight file has no reason to need."""
 
 

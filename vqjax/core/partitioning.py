@@ -12,12 +12,53 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vqjax.config_lib import PARAM_SHARDING_MODES, mesh_data_size
+from vqjax.errors import ConfigError
+
+
+def mesh_data_size(c: ml_collections.ConfigDict, num_devices: int) -> int:
+  """Size of the `data` mesh axis; raises if (data, model) does not fit the devices."""
+  model = c.mesh.model
+  if model < 1 or num_devices % model:
+    raise ConfigError(f"mesh.model={model} does not divide the {num_devices} devices.")
+  data = c.mesh.data if c.mesh.data > 0 else num_devices // model
+  if data * model != num_devices:
+    raise ConfigError(f"mesh (data={data}, model={model}) needs {data * model} devices, "
+                      f"but {num_devices} are visible: set mesh.data=-1 or fix the sizes.")
+  return data
+
+
+PARAM_SHARDING_MODES = ("replicate", "channels", "fsdp")
+
+# Logical axis -> mesh axis, for the names both trainers' parameters carry (the
+# transformer's in vqjax/nn/transformers.py, the tokenizer's in vqjax/nn/layers.py):
+# output-channel-like axes go over `model` under mesh.param_sharding='channels'/'fsdp'.
+# Quantiser codebooks and their statistics (codes, code_dim) stay whole: they are small,
+# and a nearest-code search split over devices can break near-ties differently from one
+# device ('fsdp' still splits their largest axis over `data`).
+DEFAULT_LOGICAL_RULES = (
+    ("embed", None), ("mlp", "model"), ("heads", "model"), ("kv", None), ("vocab", "model"),
+    ("conv_height", None), ("conv_width", None), ("conv_in", None), ("conv_out", "model"),
+    ("embed_in", None), ("embed_out", "model"), ("codes", None), ("code_dim", None))
+
+
+def validate_mesh(c: ml_collections.ConfigDict) -> None:
+  """`config.mesh.param_sharding` is a known mode and `mesh.rules` maps names to mesh axes."""
+  if c.mesh.param_sharding not in PARAM_SHARDING_MODES:
+    raise ConfigError(f"mesh.param_sharding must be one of {PARAM_SHARDING_MODES}, "
+                      f"not {c.mesh.param_sharding!r}.")
+  for rule in c.mesh.rules:
+    axes = rule[1] if len(rule) == 2 else None
+    axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+    if len(rule) != 2 or not isinstance(rule[0], str) or not all(
+        a in (None, "data", "model") for a in axes):
+      raise ConfigError(f"mesh.rules entry {tuple(rule)!r} must be (logical axis name, mesh "
+                        "axis) with the mesh axis 'data', 'model', a tuple of them, or None.")
 
 
 def make_mesh(config, devices=None) -> Mesh:
