@@ -77,14 +77,15 @@ def problems(proc: subprocess.CompletedProcess, expected: str) -> str | None:
   return None
 
 
-def run_table(cases: list[tuple[list[str], str]], tmp_path) -> None:
-  """Run each (args, expected text) case (two at a time) and report every one that failed."""
+def run_table(cases: list[tuple], tmp_path) -> None:
+  """Run each (args, expected text[, workdir]) case, two at a time, and report every one
+  that failed; a workdir not given is a fresh path that must not be created."""
   def one(i_case):
-    i, (args, expected) = i_case
-    workdir = tmp_path / f"run{i}"
+    i, (args, expected, *given) = i_case
+    workdir = given[0] if given else tmp_path / f"run{i}"
     proc = run_main(args, str(workdir))
     problem = problems(proc, expected)
-    if problem is None and os.path.exists(workdir):
+    if problem is None and not given and os.path.exists(workdir):
       problem = "the workdir was created"
     return None if problem is None else f"{' '.join(args)}: {problem}"
 
@@ -136,12 +137,19 @@ def test_every_ranged_transformer_field_is_refused_by_its_validator():
 
 
 def test_transformer_sections_on_the_command_line(tmp_path):
-  """One field of each section of the transformer's table, through `python -m vqjax.main`."""
+  """One field of each section of the transformer's table, through `python -m vqjax.main`
+  (each run imports TensorFlow with the trainer: every field is the slow test below)."""
   first = {}
   for key, value in rule_cases(TRANSFORMER, _transformer_tables()):
     first.setdefault(key.rsplit(".", 1)[0], (key, value))
   run_table([([f"--config={TRANSFORMER}", f"--config.{key}={value}"], f"{key}=")
              for key, value in first.values()], tmp_path)
+
+
+@pytest.mark.slow
+def test_every_ranged_transformer_field_on_the_command_line(tmp_path):
+  run_table([([f"--config={TRANSFORMER}", f"--config.{key}={value}"], f"{key}=")
+             for key, value in rule_cases(TRANSFORMER, _transformer_tables())], tmp_path)
 
 
 def test_bad_files_modes_and_directories_are_one_line(tmp_path):
@@ -167,12 +175,10 @@ def test_bad_files_modes_and_directories_are_one_line(tmp_path):
       ([f"--config={TRANSFORMER}", f"--config.tokens.dir={tmp_path / 'no_tokens'}"],
        "no token store"),
   ]
+  for spec in (TOKENIZER, "configs/demo_pipeline.py:smoke"):
+    cases += [([f"--config={spec}"], "is a file, not a directory", a_file),
+              ([f"--config={spec}"], "which is a file, not a directory", a_file / "run")]
   run_table(cases, tmp_path)
-  for workdir, expected in ((a_file, "is a file, not a directory"),
-                            (a_file / "run", "which is a file, not a directory")):
-    for spec in (TOKENIZER, "configs/demo_pipeline.py:smoke"):
-      proc = run_main([f"--config={spec}"], str(workdir))
-      assert problems(proc, expected) is None, (spec, workdir, proc.stderr)
 
 
 def test_workdir_check(tmp_path, monkeypatch):

@@ -88,8 +88,8 @@ def set_aside(workdir: str, step: int, folder: str) -> str:
 
 
 def _reason(error: BaseException, limit: int = 200) -> str:
-  """'ErrorType: first line of its message', cut to `limit` characters."""
-  lines = str(error).strip().splitlines()
+  """'ErrorType: first line of its message' (less TensorStore's spec dump), cut to `limit`."""
+  lines = str(error).split(" See full TensorStore details")[0].strip().splitlines()
   text = f"{type(error).__name__}: {lines[0] if lines else ''}".strip().rstrip(":")
   return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -101,10 +101,10 @@ def restore_newest_good(workdir: str, template, with_data: bool = True, step: in
   that fail before one restores (a file overwritten, truncated or emptied) are
   damaged: they are moved to `<workdir>/checkpoints_damaged/` (`set_aside`) and
   named in one warning. When none restores nothing is moved (the template, i.e.
-  the config, may be what changed) and CheckpointError says so; it is raised
-  CheckpointNotFoundError when there is none. `step` >= 0 asks for exactly that
-  step (CheckpointNotFoundError when it is missing, CheckpointError when it does
-  not restore; nothing is moved).
+  the config, may be what changed) and CheckpointError says so; with no
+  checkpoint at all it is CheckpointNotFoundError. `step` >= 0 asks for exactly
+  that step (CheckpointNotFoundError when it is missing, CheckpointError when it
+  does not restore; nothing is moved).
   """
   folder = checkpoint_dir(workdir)
   manager = make_manager(workdir, 1, async_save=False)

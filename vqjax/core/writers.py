@@ -60,7 +60,8 @@ def json_payload(payload):
   if bad and isinstance(out, dict):
     notes = out.get("notes")
     notes = list(notes) if isinstance(notes, list) else ([notes] if notes else [])
-    out["notes"] = notes + [f"non-finite values (NaN or inf) written as null: {', '.join(bad)}"]
+    fields = ", ".join(sorted(bad))
+    out["notes"] = notes + [f"non-finite values (NaN or inf) written as null: {fields}"]
   return out
 
 

@@ -33,7 +33,6 @@ from vqjax.nn.vgg import LPIPS
 from vqjax.nn.vqgan import VQGAN
 from vqjax.ops import losses
 from vqjax.ops.metrics import psnr, ssim
-from vqjax.train.loop import validate_guards
 from vqjax.train.state import TokenizerState
 
 sg = jax.lax.stop_gradient
@@ -333,6 +332,8 @@ def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
           f"and {process_count} process(es): use a multiple of {data_size * process_count}.")
   _validate_frozen(c.optim.frozen)
   validate_mesh(c)
+  from vqjax.train.loop import validate_guards  # here: loop imports TensorFlow (via clu)
+
   validate_guards(c.train)
 
 
