@@ -202,3 +202,24 @@ def test_demo_pipeline_is_the_six_demo_commands(monkeypatch, variant, tokenizer,
   assert stages[3].identity["config"]["tokens"]["dir"] == "<DIR>/tokenizer/tokens_train"
   assert stages[3].identity == plan(load_config(f"configs/demo_pipeline.py:{variant}"),
                                     "/elsewhere")[3].identity
+
+
+def test_demo_pipeline_smoke_runs_every_stage_and_a_rerun_skips_them(tmp_path):
+  """configs/demo_pipeline.py:smoke end to end: the six stages leave their outputs and
+  markers, and running the same command again skips all of them."""
+  workdir = tmp_path / "demo"
+  env = dict(os.environ, VQJAX_CACHE_DIR=str(tmp_path / "cache"))
+  cmd = [sys.executable, "-m", "vqjax.main", "--config=configs/demo_pipeline.py:smoke",
+         f"--workdir={workdir}"]
+  first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  stages = ["tokenizer", "tokens_train", "tokens_val", "maskgit", "samples", "sample_eval"]
+  for name in stages:
+    assert (workdir / name / "stage_finished.json").exists(), name
+  assert (workdir / "tokenizer" / "tokens_validation" / "meta.json").exists()
+  samples = glob.glob(str(workdir / "maskgit" / "samples" / "samples_*.npz"))
+  assert len(samples) == 1 and np.load(samples[0])["images"].dtype == np.uint8
+  assert glob.glob(str(workdir / "maskgit" / "eval_*.json"))
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert again.stdout.count("finished earlier, skipped") == len(stages)
