@@ -25,3 +25,17 @@ def load_config(spec: str):
 def smoke_config():
   config = load_config("configs/demo.py:smoke")
   return config
+
+
+def folder_config(config, folder):
+  """`config` reading 32px images from an image folder (train and val), small batches."""
+  with config.unlocked():
+    config.data.source = "folder"
+    config.data.folder = str(folder)
+    config.data.val_folder = str(folder)
+    config.data.image_size = 32
+    config.data.resize_shorter = 32
+    config.train.batch_size = 2
+    config.eval.batch_size = 4
+    config.eval.max_examples = 0
+  return config

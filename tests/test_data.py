@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import folder_config
 from vqjax.data import sources
 from vqjax.data.pipeline import eval_batches, train_dataset
 
@@ -21,23 +22,11 @@ def _write_folder(root, n_good=4):
   (root / "cats" / "truncated.png").write_bytes(good[: len(good) // 3])
 
 
-def _folder_config(smoke_config, folder):
-  c = smoke_config
-  with c.unlocked():
-    c.data.source = "folder"
-    c.data.folder = str(folder)
-    c.data.val_folder = str(folder)
-    c.data.image_size = 32
-    c.data.resize_shorter = 32
-    c.train.batch_size = 2
-    c.eval.batch_size = 4
-    c.eval.max_examples = 0
-  return c
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path, smoke_config):
   _write_folder(tmp_path)
-  config = _folder_config(smoke_config, tmp_path)
+  config = folder_config(smoke_config, tmp_path)
   ds, preprocess = train_dataset(config)
   it = iter(ds)
   batches = [next(it) for _ in range(6)]  # 12 examples: two epochs of the 4 good files

@@ -9,6 +9,7 @@ import pytest
 import tifffile
 from PIL import Image, ImageOps
 
+from tests.conftest import folder_config
 from vqjax.data import sources
 from vqjax.data.images import ImageDecodeError, array_to_rgb, decode_image
 from vqjax.data.pipeline import eval_batches, train_dataset
@@ -202,22 +203,10 @@ def _folder(root, n_good, n_bad):
   return root
 
 
-def _config(smoke_config, folder):
-  c = smoke_config
-  with c.unlocked():
-    c.data.source = "folder"
-    c.data.folder = str(folder)
-    c.data.val_folder = str(folder)
-    c.data.image_size = 32
-    c.data.resize_shorter = 32
-    c.train.batch_size = 2
-    c.eval.batch_size = 4
-    c.eval.max_examples = 0
-  return c
 
 
 def test_corrupt_files_warn_and_count_once_each(tmp_path, smoke_config, capfd):
-  config = _config(smoke_config, _folder(tmp_path / "imgs", 5, 3))
+  config = folder_config(smoke_config, _folder(tmp_path / "imgs", 5, 3))
   capfd.readouterr()
   ds, preprocess = train_dataset(config)
   it = iter(ds)
@@ -233,7 +222,7 @@ def test_corrupt_files_warn_and_count_once_each(tmp_path, smoke_config, capfd):
 
 def test_all_corrupt_folder_is_one_clear_error(tmp_path, smoke_config):
   folder = _folder(tmp_path / "bad", 0, 3)
-  config = _config(smoke_config, folder)
+  config = folder_config(smoke_config, folder)
   with pytest.raises(sources.ImagesNotDecodableError, match="could not be decoded") as info:
     list(eval_batches(config))
   assert str(folder) in str(info.value)

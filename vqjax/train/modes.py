@@ -7,6 +7,7 @@ imported when it is called: a tokenizer run never imports the sampler.
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 from vqjax.errors import ConfigError
@@ -17,65 +18,25 @@ class RunStopped(Exception):
   rerunning the same command resumes it. `python -m vqjax.main` exits with EX_TEMPFAIL (75)."""
 
 
-def _tokenizer_train(config, workdir: str, stop):
-  from vqjax.train import run
-
-  return run.train_and_evaluate(config, workdir, stop=stop)
-
-
-def _tokenizer_eval(config, workdir: str, stop):
-  from vqjax.train import run
-
-  return run.evaluate(config, workdir)
-
-
-def _tokenize(config, workdir: str, stop):
-  from vqjax.train.tokenize import tokenize
-
-  return tokenize(config, workdir)
-
-
-def _transformer_train(config, workdir: str, stop):
-  from vqjax.train import transformer
-
-  return transformer.train(config, workdir, stop=stop)
-
-
-def _transformer_eval(config, workdir: str, stop):
-  from vqjax.train import transformer
-
-  return transformer.evaluate(config, workdir)
-
-
-def _sample(config, workdir: str, stop):
-  from vqjax.train.sample import sample
-
-  return sample(config, workdir)
-
-
-def _visualize(config, workdir: str, stop):
-  from vqjax.train.visualize import visualize
-
-  return visualize(config, workdir)
-
-
-def _pipeline(config, workdir: str, stop):
-  from vqjax.train.pipeline import run_pipeline
-
-  return run_pipeline(config, workdir, stop=stop)
+def _runner(module: str, function: str, takes_stop: bool) -> Callable:
+  """runner(config, workdir, stop) calling `module.function`, imported when first called."""
+  def run(config, workdir: str, stop):
+    target = getattr(importlib.import_module(module), function)
+    return target(config, workdir, stop=stop) if takes_stop else target(config, workdir)
+  return run
 
 
 # (config.trainer, mode) -> runner(config, workdir, stop). Only the training runners take
 # `stop`; the others end with the process on a signal (each resumes or is repeatable).
 RUNNERS: dict[tuple[str, str], Callable] = {
-    ("tokenizer", "train"): _tokenizer_train,
-    ("tokenizer", "eval"): _tokenizer_eval,
-    ("tokenizer", "tokenize"): _tokenize,
-    ("transformer", "train"): _transformer_train,
-    ("transformer", "eval"): _transformer_eval,
-    ("transformer", "sample"): _sample,
-    ("transformer", "visualize"): _visualize,
-    ("pipeline", "train"): _pipeline,
+    ("tokenizer", "train"): _runner("vqjax.train.run", "train_and_evaluate", True),
+    ("tokenizer", "eval"): _runner("vqjax.train.run", "evaluate", False),
+    ("tokenizer", "tokenize"): _runner("vqjax.train.tokenize", "tokenize", False),
+    ("transformer", "train"): _runner("vqjax.train.transformer", "train", True),
+    ("transformer", "eval"): _runner("vqjax.train.transformer", "evaluate", False),
+    ("transformer", "sample"): _runner("vqjax.train.sample", "sample", False),
+    ("transformer", "visualize"): _runner("vqjax.train.visualize", "visualize", False),
+    ("pipeline", "train"): _runner("vqjax.train.pipeline", "run_pipeline", True),
 }
 TRAINERS = tuple(dict.fromkeys(trainer for trainer, _ in RUNNERS))
 
