@@ -75,8 +75,10 @@ ref_losses, ref, ref_out = runs["1"]
 for name in list(runs)[1:]:
   losses, st, out = runs[name]
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-4)
-  # The trained model computes the same function...
-  np.testing.assert_allclose(out, ref_out, atol=2e-4)
+  # The trained model computes the same function (to within the learning rate: Adam's
+  # first step moves every parameter by about +-lr whatever its gradient's size, so a
+  # parameter whose gradient is at summation-noise level can move either way)...
+  np.testing.assert_allclose(out, ref_out, atol=config.optim.lr)
   for a, b in zip(jax.tree.leaves(st.vq_stats), jax.tree.leaves(ref.vq_stats), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # ...and every parameter agrees to within the Adam step size per step: conv

@@ -101,6 +101,32 @@ def test_nonfinite_batch_skips_the_update(smoke_config):
     np.testing.assert_array_equal(a, b)
 
 
+def test_host_picks_the_plain_step_before_disc_start_and_the_gan_step_from_it(smoke_config):
+  with smoke_config.unlocked():
+    smoke_config.loss.disc_start = 1
+  s = setup(smoke_config)
+  rng = np.random.default_rng(0)
+  batch = partitioning.shard_batch(
+      {"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
+       "label": np.zeros(8, np.int32)}, s.mesh)
+  before = jax.device_get(s.state)
+  state, m0 = s.train_step(s.state, batch, s.term_params)  # step 0 < disc_start
+  after0 = jax.device_get(state)
+  assert float(m0["loss/d"]) == 0.0 and float(m0["loss/g"]) == 0.0
+  for part in ("disc_params", "disc_opt_state", "disc_stats"):
+    for a, b in zip(jax.tree.leaves(getattr(before, part)), jax.tree.leaves(getattr(after0, part)),
+                    strict=True):
+      np.testing.assert_array_equal(a, b)
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, before.params, after0.params)))
+  state, m1 = s.train_step(state, batch, s.term_params)  # step 1 = disc_start: GAN on
+  after1 = jax.device_get(state)
+  assert float(m1["loss/d"]) > 0.0 and float(m1["adaptive_weight"]) > 0.0
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, after0.disc_params,
+                                              after1.disc_params)))
+  # The two programs log the same metrics, so the loop can average across disc_start.
+  assert sorted(m0) == sorted(m1)
+
+
 def test_guard_stops_after_consecutive_nonfinite_steps():
   guard = NonFiniteGuard(limit=2)
   guard.update(1, {"loss/total": 0.5, "nonfinite": 0.0})

@@ -20,6 +20,7 @@ from vqjax.eval.inception_features import InceptionExtractor
 from vqjax.losses.terms import Perceptual
 from vqjax.train.loop import StopRequest, TrainRun, every
 from vqjax.train.tokenizer import (
+  PhasedStep,
   build_models,
   init_boxed_state,
   init_state,
@@ -71,9 +72,10 @@ def setup(config, devices=None) -> Setup:
                  jax.device_put(term.load_params(), rep)
                  for label, term in models.terms.items() if term.weight}
   batch_sh = partitioning.batch_sharding(mesh)
-  train_step = jax.jit(
-      make_train_step(models, config),
-      in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, rep), donate_argnums=0)
+  train_step = PhasedStep(*(
+      jax.jit(make_train_step(models, config, gan=gan), in_shardings=(shardings, batch_sh, rep),
+              out_shardings=(shardings, rep), donate_argnums=0)
+      for gan in (False, True)), disc_start=config.loss.disc_start)
   eval_step = jax.jit(
       make_eval_step(models, config),
       in_shardings=(shardings.params, shardings.vq_stats, batch_sh, rep),

@@ -11,7 +11,7 @@ own extra losses, and optionally R1 and LeCam.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -121,9 +121,15 @@ def init_boxed_state(models: TokenizerModels, config, rng: jax.Array) -> Tokeniz
       rng=k_train)
 
 
-def make_train_step(models: TokenizerModels, config):
+def make_train_step(models: TokenizerModels, config, gan: bool = True):
   """(state, batch, term_params) -> (state, metrics). Pure; jit it with shardings.
 
+  `gan=True` is the step from `loss.disc_start` on (adversarial term and
+  discriminator update), `gan=False` the step before it (discriminator state
+  unchanged, its losses and metrics zero). The two are separate programs that
+  the host chooses between (`PhasedStep`): a `lax.cond` around the
+  discriminator would keep both in one program, but XLA on CPU then compiles
+  the convolutions inside the branch as slow loops (about 17x slower).
   `term_params` maps a loss-term label to its fixed network's parameters.
   """
   lc = config.loss
@@ -134,7 +140,6 @@ def make_train_step(models: TokenizerModels, config):
 
   def train_step(state: TokenizerState, batch: dict, term_params) -> tuple[TokenizerState, dict]:
     x = batch["image"]
-    use_gan = state.step >= lc.disc_start
     step_key = jax.random.fold_in(state.rng, state.step)  # quantiser noise, masks, restarts
     terms_key = jax.random.fold_in(step_key, 1)  # sampled loss terms
 
@@ -154,33 +159,31 @@ def make_train_step(models: TokenizerModels, config):
         generator, state.params, has_aux=True)
     (rec, rec_metrics), g_rec = jax.value_and_grad(
         lambda o: total_loss(models.terms, term_params, x, o, q, terms_key), has_aux=True)(x_hat)
-    disc_vars = variables(state.disc_params, state.disc_stats, "disc_stats")
-
-    def gan_terms():
+    x_fake = sg(x_hat)
+    d_update = make_disc_update(models, config, state, x, x_fake)
+    if gan:
+      disc_vars = variables(state.disc_params, state.disc_stats, "disc_stats")
       g_loss, g_gan = jax.value_and_grad(
           lambda o: models.gan.g_loss(models.disc.apply(disc_vars, o, train=True)[0]))(x_hat)
       last_params = state.params["decoder"][last_name]
       weight = losses.adaptive_weight(last_layer_grad(last_layer, g_rec, features, last_params),
                                       last_layer_grad(last_layer, g_gan, features, last_params),
                                       lc.adaptive_weight_max)
-      return g_loss, weight, g_gan
-
-    g_loss, weight, g_gan = jax.lax.cond(
-        use_gan, gan_terms, lambda: (jnp.zeros(()), jnp.zeros(()), jnp.zeros_like(x_hat)))
+      g_out = g_rec + lc.disc_weight * weight * g_gan
+      disc_out = d_update()
+    else:
+      g_loss = weight = jnp.zeros((), rec.dtype)
+      g_out = g_rec
+      disc_out = disc_idle(state, d_update)
     total = rec + lc.codebook_weight * quant + lc.disc_weight * weight * g_loss
-    (grads,) = pullback((g_rec + lc.disc_weight * weight * g_gan,
-                         jnp.asarray(lc.codebook_weight, quant.dtype)))
+    (grads,) = pullback((g_out, jnp.asarray(lc.codebook_weight, quant.dtype)))
     updates, opt_state = models.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if frozen:  # bitwise: p + 0 can flip the sign of a zero
       params = trees.keep_where(trees.match_mask(params, frozen), params, state.params)
       vq_stats = trees.keep_where(trees.match_mask(vq_stats, frozen), vq_stats, state.vq_stats)
 
-    x_fake = sg(x_hat)
-    d_update = make_disc_update(models, config, state, x, x_fake)
-    disc_out = jax.lax.cond(use_gan, d_update, lambda: disc_idle(state, d_update))
     disc_params, disc_opt_state, disc_stats, loss_stats, d_loss, d_metrics, d_grads = disc_out
-
     finite = trees.all_finite(total, d_loss, grads, d_grads)
     keep = lambda new, old: trees.select(finite, new, old)
     new_state = state.replace(
@@ -206,8 +209,25 @@ def make_train_step(models: TokenizerModels, config):
   return train_step
 
 
+class PhasedStep:
+  """The tokenizer's train step: the host picks the jitted program for the state's step.
+
+  `plain` runs before `disc_start`, `gan` from it on (`make_train_step`). Each
+  is compiled on its first use, so a run that never reaches `disc_start`
+  compiles only `plain`. Reading the step waits for the previous step, which
+  the training loop does anyway to log its metrics.
+  """
+
+  def __init__(self, plain: Callable, gan: Callable, disc_start: int):
+    self.plain, self.gan, self.disc_start = plain, gan, disc_start
+
+  def __call__(self, state: TokenizerState, batch: dict, term_params):
+    use_gan = int(jax.device_get(state.step)) >= self.disc_start
+    return (self.gan if use_gan else self.plain)(state, batch, term_params)
+
+
 def make_disc_update(models: TokenizerModels, config, state: TokenizerState, x, x_fake):
-  """The discriminator's update as a thunk for `lax.cond` (from `disc_start` on)."""
+  """The discriminator's update as a thunk (run from `disc_start` on)."""
   lc = config.loss
 
   def disc_loss(dp):
