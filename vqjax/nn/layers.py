@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqjax.ops import conv as fast_conv
+
 CONV_KERNEL_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 CHANNEL_AXES = ("conv_out",)
 DENSE_KERNEL_AXES = ("embed_in", "embed_out")
@@ -40,9 +42,14 @@ def named(init, axes: Sequence[str | None]):
 
 def conv(features: int, kernel_size: Sequence[int], kernel_init=_kernel_init,
          **kwargs) -> nn.Conv:
-  """A 2-D `nn.Conv` whose kernel and bias carry logical axis names."""
+  """A 2-D `nn.Conv` whose kernel and bias carry logical axis names.
+
+  It computes through `vqjax.ops.conv.conv_general_dilated` (equal to the lax
+  convolution; a patch product where XLA's convolution is slow).
+  """
   if len(kernel_size) != 2:
     raise ValueError(f"conv takes a 2-D kernel size, got {tuple(kernel_size)}")
+  kwargs.setdefault("conv_general_dilated", fast_conv.conv_general_dilated)
   return nn.Conv(features, tuple(kernel_size), kernel_init=named(kernel_init, CONV_KERNEL_AXES),
                  bias_init=named(nn.initializers.zeros, CHANNEL_AXES), **kwargs)
 
@@ -102,6 +109,17 @@ class AttnBlock(nn.Module):
     return x + y.reshape(b, h, w, c)
 
 
+def upsample_nearest(x: jax.Array, factor: int) -> jax.Array:
+  """[B, H, W, C] -> [B, fH, fW, C], each pixel repeated f x f times (nearest neighbour).
+
+  A broadcast and a reshape: `jax.image.resize(method="nearest")` gives the same
+  values but builds index arrays and a gather, which costs more on CPU.
+  """
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
+  return x.reshape(b, h * factor, w * factor, c)
+
+
 class Downsample(nn.Module):
   """Stride-2 conv3x3 with (0, 1) padding: H, W -> H/2, W/2."""
 
@@ -123,6 +141,5 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
-    x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest")
+    x = upsample_nearest(x, 2)
     return conv(self.features, (3, 3), dtype=self.dtype)(x)
