@@ -86,11 +86,20 @@ def test_ar_returns_the_tokens_a_certain_model_predicts():
     # Position index + j predicts code (index + j - p + 1) of `target`.
     pos = index + jnp.arange(ids.shape[1]) - p + 1
     nxt = jnp.take_along_axis(target, jnp.clip(pos, 0, n - 1)[None].repeat(b, 0), axis=1)
-    return jnp.where(jax.nn.one_hot(nxt, k) > 0, 0.0, -1e4), cache + ids.shape[1]
+    seen.append(cache.shape[1])  # at trace time: the cache length this call attends over
+    return jnp.where(jax.nn.one_hot(nxt, k) > 0, 0.0, -1e4), cache
 
-  out = jax.jit(lambda r: ar.sample(decode_fn, jnp.zeros(()), jnp.zeros((b, p), jnp.int32), n,
-                                    r, top_k=3, top_p=0.9))(jax.random.PRNGKey(0))
+  seen = []
+  out = jax.jit(lambda r: ar.sample(decode_fn, jnp.zeros((b, p + n)),
+                                    jnp.zeros((b, p), jnp.int32), n, r, top_k=3, top_p=0.9,
+                                    cache_blocks=3))(jax.random.PRNGKey(0))
   np.testing.assert_array_equal(out, target)
+  # n - 1 = 6 steps in 3 blocks of 2: step i writes position p + i, so the blocks see
+  # caches ending at p + 2, p + 4, p + 6; the prefill sees the prefix only.
+  assert seen == [p, p + 2, p + 4, p + 6]
+  assert ar.attended_lengths(p, n, 3) == [p] * p + [p + 2] * 2 + [p + 4] * 2 + [p + 6] * 2
+  assert ar.block_bounds(6, 4) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+  assert ar.block_bounds(2, 5) == [(0, 1), (1, 2)]
 
 
 def test_top_k_and_top_p_never_sample_outside_the_kept_set():
@@ -149,7 +158,8 @@ def test_causal_mask_hides_later_tokens():
     assert not np.allclose(changed[:, j], base[:, j])
 
 
-def test_cached_sampling_equals_recompute_sampling():
+@pytest.mark.parametrize("cache_blocks", [1, 4, 20])
+def test_cached_sampling_equals_recompute_sampling(cache_blocks):
   model = _small_gpt()
   rng = np.random.default_rng(6)
   cond = jnp.asarray(rng.integers(0, 5, (3, 2)))
@@ -161,7 +171,7 @@ def test_cached_sampling_equals_recompute_sampling():
     return model.apply({"params": params}, ids, cache, index, method=GPT.decode)
 
   with_cache = ar.sample(decode_fn, model.init_cache(3), prefix, 10, jax.random.PRNGKey(7),
-                         temperature=1.0, top_k=6)
+                         temperature=1.0, top_k=6, cache_blocks=cache_blocks)
   no_cache = ar.sample_without_cache(lambda ids: decode_fn(ids, None, 0)[0], prefix, 10,
                                      jax.random.PRNGKey(7), temperature=1.0, top_k=6)
   np.testing.assert_array_equal(with_cache, no_cache)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqjax.ops import random as random_ops
+
 _NEG = -1e9
 
 
@@ -25,6 +27,21 @@ def _p(init, axes):
 
 
 _dense_init = nn.initializers.xavier_uniform()
+
+
+class Dropout(nn.Module):
+  """`nn.Dropout` (same `dropout` rng stream and `deterministic` flag) drawing its mask
+  from half as many random words (`vqjax.ops.random.dropout`; the rate is rounded to a
+  multiple of 1/65536 and the kept values scaled by that rounded probability)."""
+  rate: float
+  deterministic: bool | None = None
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool | None = None):
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if deterministic or self.rate == 0.0:
+      return x
+    return random_ops.dropout(self.make_rng("dropout"), x, self.rate)
 _embed_init = nn.initializers.normal(0.02)
 
 
@@ -38,7 +55,7 @@ class MLP(nn.Module):
   def __call__(self, x, train: bool = False):
     h = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=_p(_dense_init, ("embed", "mlp")),
                  bias_init=_p(nn.initializers.zeros, ("mlp",)), name="fc1")(x)
-    h = nn.Dropout(self.dropout, deterministic=not train)(nn.gelu(h))
+    h = Dropout(self.dropout, deterministic=not train)(nn.gelu(h))
     return nn.Dense(self.width, dtype=self.dtype, kernel_init=_p(_dense_init, ("mlp", "embed")),
                     bias_init=_p(nn.initializers.zeros, ("embed",)), name="fc2")(h)
 
@@ -78,7 +95,7 @@ class Attention(nn.Module):
       allowed = jnp.arange(k.shape[1])[None, :] <= q_pos[:, None]
       logits = jnp.where(allowed[None, None], logits, _NEG)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
+    weights = Dropout(self.dropout, deterministic=not train)(weights)
     y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     y = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
                         kernel_init=_p(_dense_init, ("heads", "kv", "embed")),
@@ -104,10 +121,10 @@ class Block(nn.Module):
     width = x.shape[-1]
     y, cache = Attention(self.heads, width // self.heads, self.causal, self.dropout, self.dtype,
                          name="attn")(_layer_norm("ln1")(x), cache, index, train)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    x = x + Dropout(self.dropout, deterministic=not train)(y)
     y = MLP(width, self.mlp_dim, self.dropout, self.dtype, name="mlp")(_layer_norm("ln2")(x),
                                                                         train)
-    return x + nn.Dropout(self.dropout, deterministic=not train)(y), cache
+    return x + Dropout(self.dropout, deterministic=not train)(y), cache
 
 
 class Trunk(nn.Module):
@@ -191,7 +208,7 @@ class MaskGITTransformer(nn.Module):
         cond = jnp.full((tokens.shape[0], p), self.num_conditions, jnp.int32)
       x = jnp.concatenate([jnp.take(table, self.prefix_ids(cond), axis=0), x], axis=1)
     pos = self.param("pos_embedding", _p(_embed_init, (None, "embed")), (p + self.seq_len, w))
-    x = nn.Dropout(self.dropout, deterministic=not train)(_layer_norm("ln_in")(x + pos))
+    x = Dropout(self.dropout, deterministic=not train)(_layer_norm("ln_in")(x + pos))
     x, _ = Trunk(self.depth, self.heads, self.mlp_dim, False, self.dropout, self.dtype,
                  name="trunk")(x, train=train)
     x = x[:, p:]
@@ -237,7 +254,7 @@ class GPT(nn.Module):
     self.trunk = Trunk(self.depth, self.heads, self.mlp_dim, True, self.dropout, self.dtype)
     self.head = nn.Dense(self.codebook_size, use_bias=False, dtype=self.dtype,
                          kernel_init=_p(_dense_init, ("embed", "vocab")))
-    self.drop = nn.Dropout(self.dropout)
+    self.drop = Dropout(self.dropout)
 
   def prefix_ids(self, cond):
     """[B] labels or [B, cond_len] condition ids -> [B, cond_len] input ids."""
