@@ -152,7 +152,7 @@ def tokenizer_case() -> dict:
   import numpy as np
 
   from vqjax.core import partitioning
-  from vqjax.train.tokenizer import build_models, init_boxed_state, init_state, make_train_step
+  from vqjax.train.tokenizer import build_models, make_train_step, sharded_init
 
   config = load_config(_TOK_CONFIG.value)
   b = _TOK_BATCH.value
@@ -160,11 +160,7 @@ def tokenizer_case() -> dict:
     config.train.batch_size = b
   models = build_models(config)
   mesh = partitioning.make_mesh(config, jax.devices())
-  rng = jax.random.PRNGKey(0)
-  abstract = jax.eval_shape(lambda r: init_boxed_state(models, config, r), rng)
-  shardings = partitioning.param_shardings(mesh, abstract, config.mesh.param_sharding,
-                                           config.mesh.rules)
-  state = jax.jit(lambda r: init_state(models, config, r), out_shardings=shardings)(rng)
+  state, shardings = sharded_init(models, config, mesh, jax.random.PRNGKey(0))
   size = config.data.image_size
   gen = np.random.default_rng(0)
   images = gen.uniform(-1, 1, (b, size, size, 3)).astype(np.float32)
@@ -200,10 +196,10 @@ def transformer_case() -> dict:
 
   from vqjax.core import partitioning
   from vqjax.train.transformer_step import (
-    TransformerState,
     build_objective,
     make_optimizer,
     make_train_step,
+    sharded_init,
   )
 
   config = load_config(_TR_CONFIG.value)
@@ -211,16 +207,7 @@ def transformer_case() -> dict:
   objective = build_objective(config, (side, side), k)
   tx = make_optimizer(config)
   mesh = partitioning.make_mesh(config, jax.devices())
-
-  def init(rng):
-    params = objective.init_params(rng)
-    return TransformerState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                            opt_state=tx.init(params), rng=rng)
-
-  rng = jax.random.PRNGKey(0)
-  shardings = partitioning.param_shardings(mesh, jax.eval_shape(init, rng),
-                                           config.mesh.param_sharding, config.mesh.rules)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  state, shardings = sharded_init(objective, tx, config, mesh, jax.random.PRNGKey(0))
   gen = np.random.default_rng(0)
   batch = partitioning.shard_batch(
       {"tokens": gen.integers(0, k, (b, side, side)).astype(np.int32),

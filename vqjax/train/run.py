@@ -22,10 +22,9 @@ from vqjax.train.loop import StopRequest, TrainRun, every
 from vqjax.train.tokenizer import (
   PhasedStep,
   build_models,
-  init_boxed_state,
-  init_state,
   make_eval_step,
   make_train_step,
+  sharded_init,
   tokenizer_variables,
   validate_tokenizer_config,
 )
@@ -61,11 +60,7 @@ def setup(config, devices=None) -> Setup:
   validate_tokenizer_config(config, len(devices), jax.process_count())
   mesh = partitioning.make_mesh(config, devices)
   models = build_models(config)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(lambda r: init_boxed_state(models, config, r), rng)
-  shardings = partitioning.param_shardings(mesh, abstract, config.mesh.param_sharding,
-                                           config.mesh.rules)
-  state = jax.jit(lambda r: init_state(models, config, r), out_shardings=shardings)(rng)
+  state, shardings = sharded_init(models, config, mesh, jax.random.PRNGKey(config.seed))
   rep = partitioning.replicated(mesh)
   lpips_params = jax.device_put(load_lpips_params(), rep)
   term_params = {label: lpips_params if isinstance(term, Perceptual) else

@@ -22,7 +22,7 @@ import optax
 from vqjax import registry
 from vqjax.checks import check_table
 from vqjax.core import trees
-from vqjax.core.partitioning import mesh_data_size, validate_mesh
+from vqjax.core.partitioning import mesh_data_size, param_shardings, validate_mesh
 from vqjax.data.sources import validate_data_config
 from vqjax.errors import ConfigError
 from vqjax.eval.settings import validate_fid_settings
@@ -96,6 +96,15 @@ def init_state(models: TokenizerModels, config, rng: jax.Array) -> TokenizerStat
   (`vqjax.core.partitioning.param_shardings` of its `jax.eval_shape`).
   """
   return nn.unbox(init_boxed_state(models, config, rng))
+
+
+def sharded_init(models: TokenizerModels, config, mesh, rng: jax.Array):
+  """(fresh state placed on `mesh`, its shardings from the logical axis names and
+  `config.mesh`)."""
+  abstract = jax.eval_shape(lambda r: init_boxed_state(models, config, r), rng)
+  shardings = param_shardings(mesh, abstract, config.mesh.param_sharding, config.mesh.rules)
+  state = jax.jit(lambda r: init_state(models, config, r), out_shardings=shardings)(rng)
+  return state, shardings
 
 
 def init_boxed_state(models: TokenizerModels, config, rng: jax.Array) -> TokenizerState:

@@ -22,7 +22,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -46,6 +45,7 @@ from vqjax.train.transformer_step import (  # noqa: F401  (re-exported)
   conditions_of,
   make_optimizer,
   make_train_step,
+  sharded_init,
 )
 
 
@@ -129,17 +129,8 @@ def setup(config, devices=None) -> Setup:
   tx = make_optimizer(config)
   mesh = partitioning.make_mesh(config, devices)
 
-  def init(rng):
-    k_model, k_train = jax.random.split(rng)
-    params = objective.init_params(k_model)
-    return TransformerState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=tx.init(params), rng=k_train)
-
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init, rng)
-  shardings = partitioning.param_shardings(mesh, abstract, config.mesh.param_sharding,
-                                           config.mesh.rules)
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  state, shardings = sharded_init(objective, tx, config, mesh,
+                                 jax.random.PRNGKey(config.seed))
   rep = partitioning.replicated(mesh)
   batch_sh = partitioning.batch_sharding(mesh)
   train_step = jax.jit(make_train_step(objective, tx), in_shardings=(shardings, batch_sh),

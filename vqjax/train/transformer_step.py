@@ -7,6 +7,7 @@ or another project can build the step alone.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from vqjax import registry
-from vqjax.core import trees
+from vqjax.core import partitioning, trees
 from vqjax.objectives.base import Conditions, Objective
 
 
@@ -47,6 +48,23 @@ def make_optimizer(config) -> optax.GradientTransformation:
                                                 max(config.train.steps, o.warmup_steps + 1))
   return optax.chain(optax.clip_by_global_norm(o.grad_clip),
                      optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+
+
+def init_state(objective: Objective, tx, rng: jax.Array) -> TransformerState:
+  """Fresh parameters, optimiser state and training rng from one key."""
+  k_model, k_train = jax.random.split(rng)
+  params = objective.init_params(k_model)
+  return TransformerState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=k_train)
+
+
+def sharded_init(objective: Objective, tx, config, mesh, rng: jax.Array):
+  """(fresh state placed on `mesh`, its shardings from the parameters' logical axis names
+  and `config.mesh`)."""
+  init = functools.partial(init_state, objective, tx)
+  shardings = partitioning.param_shardings(mesh, jax.eval_shape(init, rng),
+                                           config.mesh.param_sharding, config.mesh.rules)
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
 def make_train_step(objective: Objective, tx):
