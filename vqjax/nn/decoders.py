@@ -47,6 +47,13 @@ class Decoder(nn.Module):
     check_widths("model.decoder", cfg.ch, cfg.ch_mult, cfg.norm_groups)
     check_fields(cfg, "model.decoder", {"num_res_blocks": ">=0"})
 
+  def level_blocks(self, h: jax.Array, level: int) -> jax.Array:
+    """Blocks added at up level `level`, after its ResBlocks/AttnBlocks and before its
+    Upsample: none here, so 'vqgan' is the plain VQGAN decoder. A subclass (e.g. 'seqgan')
+    overrides this, creating its submodules under names that none of the above use."""
+    del level
+    return h
+
   @nn.compact
   def __call__(self, z: jax.Array, z_q: jax.Array | None = None) -> jax.Array:
     width = self.ch * self.ch_mult[-1]
@@ -60,6 +67,7 @@ class Decoder(nn.Module):
                      name=f"up{level}_res{i}")(h)
         if h.shape[1] in self.attn_resolutions:
           h = AttnBlock(self.norm_groups, self.dtype, name=f"up{level}_attn{i}")(h)
+      h = self.level_blocks(h, level)
       if level != 0:
         h = Upsample(h.shape[-1], self.dtype, name=f"up{level}_sample")(h)
     h = swish(group_norm(self.norm_groups, name="norm_out")(h))
