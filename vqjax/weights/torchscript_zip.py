@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import io
+import operator
 import pickle
 import re
 import zipfile
@@ -25,8 +26,9 @@ import numpy as np
 
 from vqjax.weights.numpy_pickle import UnsafePickleError
 
-# Storage class name -> little-endian NumPy dtype of its raw bytes.
-_STORAGE_DTYPES = {
+# Storage class name -> little-endian NumPy dtype of its raw bytes (shared with
+# `torch_state_dict`, which adds BFloat16Storage).
+STORAGE_DTYPES = {
     "FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2",
     "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2",
     "CharStorage": "i1", "ByteStorage": "u1", "BoolStorage": "?",
@@ -59,7 +61,7 @@ class ScriptObject:
 class _StorageType:
   def __init__(self, name: str):
     self.name = name
-    self.dtype = np.dtype(_STORAGE_DTYPES[name])
+    self.dtype = np.dtype(STORAGE_DTYPES[name])
 
 
 def _script_class(qualified: str) -> type:
@@ -68,25 +70,51 @@ def _script_class(qualified: str) -> type:
   return type("ScriptObject", (ScriptObject,), {"type_name": qualified})
 
 
+def tensor_record(storage_numel: int, offset, size, stride
+                  ) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+  """`(offset, size, stride)` of a pickled tensor as ints, checked to lie inside its storage.
+
+  Shared with `torch_state_dict`. Raises `UnsafePickleError` for a record that is not
+  integers or that would read outside the `storage_numel` elements of its storage.
+  """
+  try:
+    offset = operator.index(offset)
+    size = tuple(operator.index(s) for s in size)
+    stride = tuple(operator.index(s) for s in stride)
+  except TypeError as e:
+    raise UnsafePickleError(f"tensor record with non-integer offset, size or stride ({e})") \
+        from None
+  if len(size) != len(stride):
+    raise UnsafePickleError(f"tensor record with size {size} but stride {stride}")
+  if min(size, default=0) < 0 or offset < 0:
+    raise UnsafePickleError(f"tensor record with size {size} offset {offset}")
+  if 0 in size:  # empty: reads nothing
+    return offset, size, stride
+  extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
+  if extent > storage_numel or min(stride, default=0) < 0:
+    raise UnsafePickleError(f"tensor of size {size} stride {stride} offset {offset} runs past "
+                            f"its storage of {storage_numel} elements")
+  return offset, size, stride
+
+
+def copy_strided(storage: np.ndarray, offset, size, stride) -> np.ndarray:
+  """A new array `out[i...] = storage[offset + sum(i * stride)]`, bounds checked first."""
+  offset, size, stride = tensor_record(storage.size, offset, size, stride)
+  if 0 in size:
+    return np.zeros(size, storage.dtype)
+  view = np.lib.stride_tricks.as_strided(
+      storage[offset:], shape=size, strides=[s * storage.itemsize for s in stride],
+      writeable=False)
+  return np.array(view)
+
+
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None,
                     metadata=None):
   del requires_grad, hooks, metadata
   if not isinstance(storage, np.ndarray):
     raise UnsafePickleError("tensor record does not point at a storage")
-  size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-  offset = int(offset)
-  if len(size) != len(stride):
-    raise UnsafePickleError(f"tensor record with size {size} but stride {stride}")
-  if not size:
-    return storage[offset].copy()
-  extent = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
-  if min(size) > 0 and (extent > storage.size or offset < 0 or min(stride) < 0):
-    raise UnsafePickleError(f"tensor of size {size} stride {stride} offset {offset} runs past "
-                            f"its storage of {storage.size} elements")
-  view = np.lib.stride_tricks.as_strided(
-      storage[offset:], shape=size, strides=[s * storage.itemsize for s in stride],
-      writeable=False)
-  return np.array(view)
+  tensor = copy_strided(storage, offset, size, stride)
+  return tensor[()] if tensor.ndim == 0 else tensor  # 0-d: a NumPy scalar
 
 
 def _build_intlist(values):
@@ -108,7 +136,7 @@ class TorchScriptUnpickler(pickle.Unpickler):
       return _script_class(f"{module}.{name}")
     if module == "torch._utils" and name == "_rebuild_tensor_v2":
       return _rebuild_tensor
-    if module == "torch" and name in _STORAGE_DTYPES:
+    if module == "torch" and name in STORAGE_DTYPES:
       return _StorageType(name)
     if module == "collections" and name == "OrderedDict":
       return collections.OrderedDict
