@@ -1,16 +1,28 @@
-"""VGG16 feature extractor and LPIPS (Zhang et al. 2018) with the shipped weights."""
+"""VGG16 (Simonyan & Zisserman 2015, torchvision's layout): features, classifier, LPIPS.
+
+`VGG16Features` gives the ReLU outputs of the 13 convolutions; `VGG16` adds
+the classifier (fc6-fc8 on a 7x7 adaptive average pool of pool5, as
+torchvision) for the `logit` feature of SeQ-GAN's semantic-enhanced
+perceptual loss (Sec. 3.3.2); `LPIPS` is Zhang et al. 2018's distance.
+"""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vqjax.ops import conv as fast_conv
 
 # (block, number of 3x3 convs, width); features are taken after each block's last ReLU.
 VGG16_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
+VGG16_LAYERS = tuple(f"relu{b}_{i}" for b, n, _ in VGG16_BLOCKS for i in range(1, n + 1))
 LPIPS_LAYERS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
+LOGIT = "logit"  # the classifier's output before the softmax
+CLASSIFIER_POOL = 7  # torchvision's AdaptiveAvgPool2d((7, 7)) before fc6
 # LPIPS input normalisation for images in [-1, 1].
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
@@ -31,7 +43,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 class VGG16Features(nn.Module):
-  """x [B, H, W, 3] -> {'relu1_2': ..., ..., 'relu5_3': ...} (torchvision VGG16 convs)."""
+  """x [B, H, W, 3] -> {'relu1_1': ..., ..., 'relu5_3': ...} (torchvision VGG16 convs).
+
+  Computes up to and including the layer `last` (a name in VGG16_LAYERS) and
+  returns every ReLU output up to it.
+  """
+
+  last: str = "relu5_3"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -43,7 +61,68 @@ class VGG16Features(nn.Module):
         x = nn.relu(nn.Conv(width, (3, 3), padding=1, name=f"conv{block}_{i}",
                             conv_general_dilated=fast_conv.conv_general_dilated)(x))
         feats[f"relu{block}_{i}"] = x
+        if f"relu{block}_{i}" == self.last:
+          return feats
     return feats
+
+
+def adaptive_avg_pool_matrix(size: int, out: int) -> np.ndarray:
+  """[out, size]: row i averages inputs floor(i size / out) .. ceil((i + 1) size / out) - 1,
+  the windows of torch's AdaptiveAvgPool (overlapping when out does not divide size,
+  repeated when out > size)."""
+  m = np.zeros((out, size), np.float32)
+  for i in range(out):
+    start, end = (i * size) // out, -((-(i + 1) * size) // out)
+    m[i, start:end] = 1.0 / (end - start)
+  return m
+
+
+def adaptive_avg_pool(x: jax.Array, out: int) -> jax.Array:
+  """[B, H, W, C] -> [B, out, out, C], torch's AdaptiveAvgPool2d((out, out))."""
+  rows = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], out))
+  cols = jnp.asarray(adaptive_avg_pool_matrix(x.shape[2], out))
+  return jnp.einsum("ih,bhwc,jw->bijc", rows, x, cols)
+
+
+class VGG16Classifier(nn.Module):
+  """pool5 [B, h, w, 512] -> logits [B, num_classes]: adaptive 7x7 average pool,
+  flatten, fc6 -> ReLU -> fc7 -> ReLU -> fc8 (torchvision's classifier, dropout off).
+
+  The flatten is position-major, channel-minor (NHWC); torchvision flattens
+  channel-major, so its fc6 weights are permuted when read
+  (`vqjax.weights.vgg16_classifier`).
+  """
+
+  hidden: int = 4096
+  num_classes: int = 1000
+
+  @nn.compact
+  def __call__(self, pool5: jax.Array) -> jax.Array:
+    x = adaptive_avg_pool(pool5, CLASSIFIER_POOL).reshape(pool5.shape[0], -1)
+    x = nn.relu(nn.Dense(self.hidden, name="fc6")(x))
+    x = nn.relu(nn.Dense(self.hidden, name="fc7")(x))
+    return nn.Dense(self.num_classes, name="fc8")(x)
+
+
+class VGG16(nn.Module):
+  """x [B, H, W, 3] (ImageNet-normalised) -> {layer: features} for each name in `layers`:
+  ReLU outputs (VGG16_LAYERS) and `logit`. Runs only as deep as the deepest layer asked."""
+
+  layers: Sequence[str] = LPIPS_LAYERS
+  hidden: int = 4096
+  num_classes: int = 1000
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    wants_logit = LOGIT in self.layers
+    relus = [name for name in self.layers if name != LOGIT]
+    last = "relu5_3" if wants_logit else max(relus, key=VGG16_LAYERS.index)
+    feats = VGG16Features(last=last, name="vgg")(x)
+    out = {name: feats[name] for name in relus}
+    if wants_logit:
+      out[LOGIT] = VGG16Classifier(self.hidden, self.num_classes, name="classifier")(
+          max_pool_2x2(feats["relu5_3"]))
+    return out
 
 
 def _unit_normalize(f: jax.Array, eps: float = 1e-10) -> jax.Array:
