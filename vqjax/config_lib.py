@@ -15,13 +15,13 @@ from __future__ import annotations
 import ml_collections
 
 from vqjax import registry
-from vqjax.core.config_files import load_config_file
+from vqjax.core.config_files import load_config_file, recipe_module
 from vqjax.core.partitioning import DEFAULT_LOGICAL_RULES
 from vqjax.errors import ConfigError
 from vqjax.eval.settings import add_fid_settings
 from vqjax.losses.terms import terms_config
 
-__all__ = ["ConfigError", "load_config_file"]  # re-exported for recipes
+__all__ = ["ConfigError", "load_config_file", "recipe_module"]  # re-exported for recipes
 
 
 def tokenizer_config() -> ml_collections.ConfigDict:
@@ -103,6 +103,8 @@ def tokenizer_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 500_000
+  # > 0: train.steps = ceil(epochs x train-split size / batch_size), set when training starts.
+  c.train.epochs = 0.0
   c.train.batch_size = 256
   c.train.log_every = 100
   c.train.image_every = 5000
@@ -272,6 +274,8 @@ def transformer_config(objective: str, **objective_fields) -> ml_collections.Con
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 300_000
+  # > 0: train.steps = ceil(epochs x token-store rows / batch_size), set when training starts.
+  c.train.epochs = 0.0
   c.train.batch_size = 256
   c.train.log_every = 100
   c.train.checkpoint_every = 5000

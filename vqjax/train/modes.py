@@ -75,6 +75,8 @@ def run_mode(config, workdir: str, mode: str, stop=None):
   from vqjax.train.loop import StopRequest
 
   stop = stop if stop is not None else StopRequest()
+  if mode == "train" and config.trainer != "pipeline":
+    resolve_epochs(config)
   result = RUNNERS[(config.trainer, mode)](config, workdir, stop)
   if stop:
     raise RunStopped(f"a signal stopped --mode={mode} in {workdir} after it saved a checkpoint; "
@@ -110,6 +112,55 @@ def check_inputs(config, workdir: str, mode: str) -> None:
     require_checkpoints(workdir, config.trainer)
   if mode == "tokenize" and config.tokenize.output_dir:
     check_workdir(config.tokenize.output_dir, "tokenize.output_dir")
+  if mode == "train" and config.get("init_from", {}).get("workdir"):
+    _check_init_from(config.init_from, workdir)
+
+
+def _check_init_from(cfg, workdir: str) -> None:
+  """CheckpointNotFoundError when a run that has not started yet would copy from a run
+  directory without checkpoints (e.g. SeQ-GAN's phase 2 before its phase 1)."""
+  import os
+
+  from vqjax.errors import CheckpointNotFoundError
+
+  def has_checkpoint(folder: str) -> bool:
+    folder = os.path.join(folder, "checkpoints")
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+  if has_checkpoint(workdir):
+    return  # a resumed run restores its own checkpoint; init_from applies to new runs only
+  if not has_checkpoint(cfg.workdir):
+    raise CheckpointNotFoundError(
+        f"init_from.workdir={cfg.workdir!r} has no checkpoint to start this run from: train "
+        "that run first (for a pipeline, its earlier stage) or set init_from.workdir to a run "
+        "directory that has one ('' starts from scratch).")
+
+
+def epochs_to_steps(epochs: float, num_examples: int, batch_size: int) -> int:
+  """The optimiser steps of `epochs` passes over `num_examples` at `batch_size` (rounded up)."""
+  return max(1, -(-round(epochs * num_examples) // batch_size))
+
+
+def resolve_epochs(config) -> None:
+  """With `train.epochs` > 0, set `train.steps` from the size of the data the trainer reads
+  (the tokenizer's train split, the transformer's token store), so a recipe states epochs
+  as its paper does and the step count follows the data set."""
+  epochs = config.train.get("epochs", 0)
+  if not epochs:
+    return
+  if config.trainer == "tokenizer":
+    from vqjax.data.sources import build_source
+
+    num_examples, what = len(build_source(config.data, config.data.train_split)), "examples"
+  else:
+    from vqjax.data.tokens import TokenStore
+
+    num_examples, what = len(TokenStore(config.tokens.dir)), "token maps"
+  config.train.steps = epochs_to_steps(epochs, num_examples, config.train.batch_size)
+  from vqjax.console import console
+
+  console(f"train.epochs={epochs} over {num_examples:,} {what} at batch "
+          f"{config.train.batch_size}: train.steps={config.train.steps:,}")
 
 
 def validate_config(config, num_devices: int, process_count: int = 1) -> None:

@@ -308,7 +308,7 @@ def make_eval_step(models: TokenizerModels, config):
 # (registry `check_config`), the data fields are checked in vqjax/data/sources.py, the FID
 # fields in vqjax/eval/settings.py.
 TOKENIZER_RULES = {
-    "train": {"steps": ">=1", "batch_size": ">=1", "log_every": ">=1",
+    "train": {"steps": ">=1", "epochs": ">=0", "batch_size": ">=1", "log_every": ">=1",
               "image_every": ">=0",  # 0 = only at the last step
               "checkpoint_every": ">=1", "keep_checkpoints": ">=1",
               "max_consecutive_nonfinite": ">=1"},
@@ -351,6 +351,10 @@ def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
         f"data.image_size={c.data.image_size} is not divisible by the encoder's downsampling "
         f"factor {factor} (model.encoder.ch_mult={tuple(m.encoder.ch_mult)}): use a multiple "
         f"of {factor}, e.g. {max(factor, c.data.image_size // factor * factor)}.")
+  # A decoder whose layers need particular map sizes (e.g. attention windows) checks them.
+  check_geometry = getattr(registry.DECODERS.get(m.decoder.name), "check_geometry", None)
+  if check_geometry is not None:
+    check_geometry(m.decoder, c.data.image_size // factor)
   data_size = mesh_data_size(c, num_devices)
   for name, batch in (("train.batch_size", c.train.batch_size),
                       ("eval.batch_size", c.eval.batch_size),

@@ -214,13 +214,14 @@ def train(config, workdir: str, stop: StopRequest | None = None,
 
 
 def evaluate(config, workdir: str) -> dict:
-  """--mode=eval: FID/KID of eval.num_samples samples, and validation loss with tokens.val_dir.
+  """--mode=eval: FID/KID of eval.num_samples samples (and their Inception Score with
+  eval.inception_logits_path), and validation loss with tokens.val_dir.
 
   The samples are those --mode=sample draws (same seed and batches), quantised to uint8 as
   their files are. The reference is the val split of the tokenizer's data set (its Inception
   statistics are cached, and shared with the tokenizer's rFID when the settings agree).
   """
-  from vqjax.eval.evaluator import reference_stats, sample_metrics, write_eval
+  from vqjax.eval.evaluator import is_notes, reference_stats, sample_metrics, write_eval
   from vqjax.eval.inception_features import InceptionExtractor, to_model_range
 
   m = restore_models(config, workdir)
@@ -242,7 +243,7 @@ def evaluate(config, workdir: str) -> dict:
   metrics.update(m.setup.validate(m.state.params))
   metrics["seconds"] = round(time.time() - start, 2)
   writer = make_writer(workdir, jax.process_index() == 0)
-  write_eval(writer, workdir, m.step, metrics, None)
+  write_eval(writer, workdir, m.step, metrics, None, notes=is_notes(config))
   writer.flush()
   return metrics
 
@@ -250,7 +251,7 @@ def evaluate(config, workdir: str) -> dict:
 # Ranges and choices of the transformer's fields (vqjax.checks); the FID fields are checked
 # in vqjax/eval/settings.py.
 TRANSFORMER_RULES = {
-    "train": {"steps": ">=1", "batch_size": ">=1", "log_every": ">=1",
+    "train": {"steps": ">=1", "epochs": ">=0", "batch_size": ">=1", "log_every": ">=1",
               "checkpoint_every": ">=1", "keep_checkpoints": ">=1",
               "max_consecutive_nonfinite": ">=1"},
     "eval": {"every_steps": ">=0",  # 0 = only at the last step
