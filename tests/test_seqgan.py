@@ -1,0 +1,113 @@
+"""SeQ-GAN end to end: configs/seqgan_imagenet.py:smoke runs every stage once (shared by the
+tests of this module, which xdist keeps on one worker), and its bad inputs stop early."""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, load_config
+from tests.test_bad_inputs import run_table
+from vqjax.core import checkpoint
+from vqjax.data.tokens import TokenStore
+
+pytestmark = pytest.mark.xdist_group("seqgan_smoke")
+STAGES = ["phase1", "phase2", "tokens_train", "tokens_val", "nar", "nar_samples", "nar_eval",
+          "ar", "ar_samples", "ar_eval", "visualize"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """DIR of a finished `configs/seqgan_imagenet.py:smoke` pipeline (run in this process)."""
+  from vqjax.train.pipeline import run_pipeline
+
+  workdir = str(tmp_path_factory.mktemp("seqgan") / "run")
+  cwd = os.getcwd()
+  os.chdir(ROOT)  # the recipe names its stages' recipes by paths from the repository root
+  try:
+    run_pipeline(load_config("configs/seqgan_imagenet.py:smoke"), workdir)
+  finally:
+    os.chdir(cwd)
+  return workdir
+
+
+def test_smoke_pipeline_leaves_every_stages_output(smoke_run):
+  for name in STAGES:
+    assert os.path.exists(os.path.join(smoke_run, name, "stage_finished.json")), name
+  for name in ("nar", "ar"):
+    samples = glob.glob(os.path.join(smoke_run, name, "samples", "samples_*.npz"))
+    assert len(samples) == 1 and np.load(samples[0])["images"].dtype == np.uint8
+    (path,) = glob.glob(os.path.join(smoke_run, name, "eval_*.json"))
+    with open(path) as f:
+      metrics = json.load(f)
+    assert np.isfinite(metrics["fid"]) and metrics["num_samples"] == 8, metrics
+  (path,) = glob.glob(os.path.join(smoke_run, "ar", "visualize", "visualize_*.json"))
+  with open(path) as f:
+    payload = json.load(f)
+  accuracies = payload["per_image_accuracy"]
+  assert len(accuracies) == payload["num_images"] > 0
+  assert payload["top1_accuracy"] == pytest.approx(np.mean(accuracies), abs=1e-4)
+  assert os.path.exists(path[:-len(".json")] + ".png")
+
+
+def test_phase2_freezes_the_encoder_and_codebook_and_keeps_every_token(smoke_run, tmp_path):
+  """Phase 2 starts from phase 1 (decoder paths copied, attention blocks new), trains only
+  the decoder side, and tokenises every validation image exactly as phase 1 does."""
+  from vqjax.train.modes import run_mode
+
+  phase1, _ = checkpoint.restore_tree(os.path.join(smoke_run, "phase1"), -1)
+  phase2, _ = checkpoint.restore_tree(os.path.join(smoke_run, "phase2"), -1)
+  for part in ("encoder", "quant_conv", "quantizer"):
+    for a, b in zip(jax.tree.leaves(phase1["params"][part]),
+                    jax.tree.leaves(phase2["params"][part]), strict=True):
+      np.testing.assert_array_equal(a, b)
+  new = set(phase2["params"]["decoder"]) - set(phase1["params"]["decoder"])
+  assert new and all(name.endswith(("_regional", "_dilated")) for name in new), new
+  assert any(not np.array_equal(phase1["params"]["decoder"][k]["kernel"],
+                                phase2["params"]["decoder"][k]["kernel"])
+             for k in ("conv_in", "conv_out"))
+  config = load_config("configs/seqgan_imagenet.py:phase1,smoke")
+  with config.unlocked():
+    config.tokenize.split = "validation"
+    config.tokenize.output_dir = str(tmp_path / "phase1_tokens")
+  run_mode(config, os.path.join(smoke_run, "phase1"), "tokenize")
+  before = TokenStore(str(tmp_path / "phase1_tokens"))
+  after = TokenStore(os.path.join(smoke_run, "phase2", "tokens_validation"))
+  assert len(before) == len(after) > 0
+  for i in range(len(before)):
+    np.testing.assert_array_equal(before[i]["tokens"], after[i]["tokens"])
+
+
+def test_visualization_colab_runs_on_the_smoke_run(smoke_run, tmp_path, monkeypatch):
+  nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]'")
+  nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]'")
+  pytest.importorskip("ipykernel", reason="pip install -e '.[dev]'")
+  monkeypatch.setenv("VQJAX_WORKDIR", smoke_run)
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  notebook = nbformat.read(os.path.join(ROOT, "colabs", "seqgan_visualization.ipynb"),
+                           as_version=4)
+  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": ROOT}})
+  client.execute()
+  outputs = [out for cell in notebook.cells for out in cell.get("outputs", [])]
+  assert not [out for out in outputs if out.get("output_type") == "error"]
+  text = "".join(out.get("text", "") for out in outputs)
+  assert "top-1 accuracy" in text and "pipeline directory " + smoke_run in text
+
+
+def test_bad_seqgan_inputs_stop_before_compiling(tmp_path):
+  """A phase 2 without its phase-1 checkpoint, a window that does not divide a decoder
+  level, alpha outside [0, 1], and `logit` without the VGG16 file: exit 2, one line."""
+  phase1 = "configs/seqgan_imagenet.py:phase1,smoke"
+  phase2 = "configs/seqgan_imagenet.py:phase2,smoke"
+  run_table([
+      ([f"--config={phase2}", f"--config.init_from.workdir={tmp_path / 'phase1'}"],
+       "has no checkpoint to start this run from"),
+      ([f"--config={phase2}", "--config.model.decoder.window_size=5",
+        f"--config.init_from.workdir={tmp_path}"], "window_size=5"),
+      ([f"--config={phase1}", "--config.loss.terms.perceptual.alpha=1.5"], "alpha=1.5"),
+      (["--config=configs/seqgan_imagenet.py:phase1"], "vgg16-397923af.pth"),
+  ], tmp_path)
