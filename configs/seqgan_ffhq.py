@@ -30,9 +30,6 @@ def get_config(arg=None):
   if word not in ("phase1", "phase2"):
     c.train.epochs = 0.0
     c.train.steps = 4 if smoke else 500_000
-    c.tokenizer.config = f"{FILE}:phase2{',smoke' if smoke else ''}"
-    c.tokenizer.workdir = "runs/seqgan_ffhq/phase2"
-    c.tokens.dir = "runs/seqgan_ffhq/phase2/tokens_train"
-    c.tokens.val_dir = "runs/seqgan_ffhq/phase2/tokens_validation"
+    imagenet.on_phase2(c, f"{FILE}:phase2{',smoke' if smoke else ''}", "runs/seqgan_ffhq")
   c.lock()
   return c

@@ -25,7 +25,7 @@ anything to minutes on the embedded set (`smoke` alone: the whole pipeline);
 `--config.loss.terms.perceptual.sem_layers="('relu4_3','relu5_3','logit')"`.
 
 `logit` needs torchvision's `vgg16-397923af.pth` (no package ships it): give its path
-in VQJAX_VGG16_CLASSIFIER or --config.loss.terms.perceptual.classifier_path; without it
+in VQJAX_VGG16_CLASSIFIER (read by the loss term when its classifier_path is ''); without it
 phase 1 stops before training and says so. The smoke variants use relu5_3 alone.
 
 Settings the paper leaves to its supplement are VQGAN's (batch 256, Adam b1=0.5,
@@ -34,8 +34,6 @@ is ours: on blurred 128px crops of the embedded set, L_low is 38.8 where LPIPS i
 so 0.01 puts L_low (alpha = 0) at VQGAN's LPIPS scale; alpha = 1 is then smaller, as
 Eq. 3 with fixed L_low and L_sem makes it (relu5_3 alone: 1.7 there).
 """
-
-import os
 
 from vqjax import config_lib, registry
 from vqjax.losses.terms import terms_config
@@ -61,8 +59,7 @@ STAGE_WORDS = ("phase1", "phase2", "nar", "ar", "nar_L", "ar_L")
 def perceptual(alpha: float, sem_layers=("relu5_3", "logit")):
   """The `perceptual` entry of loss.terms: Eq. 3 with the given semantic ratio."""
   return dict(name="semantic_perceptual", weight=0.01, alpha=alpha, low_layers=LOW,
-              sem_layers=sem_layers,
-              classifier_path=os.environ.get("VQJAX_VGG16_CLASSIFIER", ""))
+              sem_layers=sem_layers)
 
 
 def set_data(c, dataset: dict) -> None:
@@ -178,6 +175,15 @@ def parse_variant(arg, file: str, extra=()):
   return (stages[0] if stages else None), "smoke" in words, (rows[0] if rows else None)
 
 
+def on_phase2(c, tokenizer_spec: str, run: str) -> None:
+  """Point a stand-alone transformer recipe at the phase-2 run in `run`/phase2 (where the
+  pipeline run with --workdir=`run` leaves it) and its token stores."""
+  c.tokenizer.config = tokenizer_spec
+  c.tokenizer.workdir = f"{run}/phase2"
+  c.tokens.dir = f"{run}/phase2/tokens_train"
+  c.tokens.val_dir = f"{run}/phase2/tokens_validation"
+
+
 def apply_table6(c, row: str) -> None:
   alpha, sem_layers = TABLE6[row]
   c.loss.terms.perceptual.alpha = alpha
@@ -192,10 +198,7 @@ def get_config(arg=None):
   c = stage_config(word, imagenet, smoke, "runs/seqgan_imagenet/phase1", 1000)
   if row:
     apply_table6(c, row)
-  if word in ("nar", "ar", "nar_L", "ar_L"):
-    c.tokenizer.config = f"{FILE}:phase2{',smoke' if smoke else ''}"
-    c.tokenizer.workdir = "runs/seqgan_imagenet/phase2"
-    c.tokens.dir = "runs/seqgan_imagenet/phase2/tokens_train"
-    c.tokens.val_dir = "runs/seqgan_imagenet/phase2/tokens_validation"
+  if word not in ("phase1", "phase2"):
+    on_phase2(c, f"{FILE}:phase2{',smoke' if smoke else ''}", "runs/seqgan_imagenet")
   c.lock()
   return c

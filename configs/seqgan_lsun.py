@@ -9,7 +9,7 @@ configs/seqgan_imagenet.py:phase1 first) and fine-tunes one epoch on the categor
 (converted to steps from the TFDS split's size); phase 2 then runs 200k steps, and
 the unconditional NAR and AR transformers 500k steps each (Sec. 4.2).
 
-Variants: a category (`church`, `cat`, `bedroom`) and optionally the words of
+Variants: a category (`church`, the default, `cat`, `bedroom`) and optionally the words of
 configs/seqgan_imagenet.py (`phase1`, `phase2`, `nar`, `ar`, `nar_L`, `ar_L`,
 `smoke`), e.g. `configs/seqgan_lsun.py:cat,phase2`. TFDS data sets `lsun/church_outdoor`,
 `lsun/cat` (train only: its first 300 images are held out for validation), `lsun/bedroom`.
@@ -29,9 +29,9 @@ imagenet = config_lib.recipe_module(
 
 def get_config(arg=None):
   words = [w for w in (arg or "").split(",") if w]
-  categories = [w for w in words if w in CATEGORIES]
+  categories = [w for w in words if w in CATEGORIES] or ["church"]
   if len(categories) != 1:
-    raise ValueError(f"configs/seqgan_lsun.py needs one category of {sorted(CATEGORIES)}, e.g. "
+    raise ValueError(f"configs/seqgan_lsun.py takes one category of {sorted(CATEGORIES)}, e.g. "
                      f"'church' or 'cat,phase2'; got {arg!r}")
   category = categories[0]
   rest = ",".join(w for w in words if w != category)
@@ -52,11 +52,7 @@ def get_config(arg=None):
   if word not in ("phase1", "phase2"):
     c.train.epochs = 0.0
     c.train.steps = 4 if smoke else 500_000
-    suffix = ",smoke" if smoke else ""
-    c.tokenizer.config = f"{FILE}:{category},phase2{suffix}"
-    c.tokenizer.workdir = f"{run}/phase2"
-    c.tokens.dir = f"{run}/phase2/tokens_train"
-    c.tokens.val_dir = f"{run}/phase2/tokens_validation"
+    imagenet.on_phase2(c, f"{FILE}:{category},phase2{',smoke' if smoke else ''}", run)
   c.lock()
   return c
 

@@ -85,3 +85,19 @@ def test_cli_rejects_a_misspelt_key_before_running(tmp_path):
   assert 'Did you mean "steps"' in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(workdir)
+
+
+def test_epochs_become_steps_from_the_data_size():
+  from vqjax.data.sources import build_source
+  from vqjax.train.modes import epochs_to_steps, resolve_epochs
+
+  assert epochs_to_steps(300, 1_281_167, 256) == 1_501_368  # ceil(300 x 1,281,167 / 256)
+  assert epochs_to_steps(1, 10, 4) == 3 and epochs_to_steps(0.5, 10, 5) == 1
+  config = load_config("configs/demo.py:smoke")
+  steps = config.train.steps
+  resolve_epochs(config)  # epochs 0: train.steps stays
+  assert config.train.steps == steps
+  config.train.epochs = 2.0
+  resolve_epochs(config)
+  examples = len(build_source(config.data, config.data.train_split))
+  assert config.train.steps == -(-2 * examples // config.train.batch_size)

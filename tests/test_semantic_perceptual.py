@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import load_config
+from tests.torch_files import torchvision_vgg16
 from vqjax import registry
 from vqjax.errors import ConfigError, UserError, WeightsNotFoundError
 from vqjax.losses.semantic_perceptual import SemanticPerceptual, layer_coefficients
@@ -145,7 +146,8 @@ def _term_config(**fields):
     (dict(alpha=1.0, classifier_path="/nonexistent/vgg16-397923af.pth"), WeightsNotFoundError,
      "no such file"),
 ])
-def test_bad_term_configs_say_what_to_change(fields, error, message):
+def test_bad_term_configs_say_what_to_change(fields, error, message, monkeypatch):
+  monkeypatch.delenv("VQJAX_VGG16_CLASSIFIER", raising=False)
   with pytest.raises(error, match=message):
     registry.LOSS_TERMS.check(_term_config(**fields))
   assert issubclass(error, UserError)
@@ -169,26 +171,7 @@ def test_table6_rows_are_overrides_of_phase1(row):
 
 # --- the user-given torchvision file (`logit`) -----------------------------------------
 
-HIDDEN, CLASSES = 16, 10
-
-
-def _torchvision_state_dict(seed=0):
-  """torchvision's vgg16 state dict layout: the shipped convs (OIHW) and a small classifier."""
-  from vqjax.weights.vgg16_classifier import POOL5_FEATURES, torchvision_conv_names
-
-  convs = load_lpips_params()["vgg"]
-  tensors = {}
-  for name, (torch_name, _) in torchvision_conv_names().items():
-    tensors[f"{torch_name}.weight"] = np.ascontiguousarray(
-        np.asarray(convs[name]["kernel"]).transpose(3, 2, 0, 1))
-    tensors[f"{torch_name}.bias"] = np.asarray(convs[name]["bias"])
-  rng = np.random.default_rng(seed)
-  for index, (fan_out, fan_in) in zip((0, 3, 6), ((HIDDEN, POOL5_FEATURES), (HIDDEN, HIDDEN),
-                                                  (CLASSES, HIDDEN)), strict=True):
-    tensors[f"classifier.{index}.weight"] = (rng.normal(size=(fan_out, fan_in))
-                                             / np.sqrt(fan_in)).astype(np.float32)
-    tensors[f"classifier.{index}.bias"] = rng.normal(size=fan_out).astype(np.float32)
-  return tensors
+HIDDEN, CLASSES = 16, 10  # torchvision's are 4096 and 1000; the layout is otherwise exact
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +179,7 @@ def vgg16_files(tmp_path_factory):
   from tests.torch_files import write_torch_state_dict
 
   folder = tmp_path_factory.mktemp("vgg16")
-  tensors = _torchvision_state_dict()
+  tensors = torchvision_vgg16(HIDDEN, CLASSES)
   paths = {}
   for fmt in ("zip", "legacy"):
     paths[fmt] = str(folder / f"vgg16-{fmt}.pth")
@@ -215,13 +198,18 @@ def _torch_order_logits(tensors, pool5):
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
-def test_logit_term_reads_the_torchvision_file(vgg16_files, fmt, capsys):
-  """`logit` through the file (either torch format): the term equals Eq. 3 on logits
-  computed in torchvision's order from the same pool5 features."""
+def test_logit_term_reads_the_torchvision_file(vgg16_files, fmt, capsys, monkeypatch):
+  """`logit` through the file (either torch format; given by the field, or by the
+  environment when the field is empty): the term equals Eq. 3 on logits computed in
+  torchvision's order from the same pool5 features."""
   from vqjax.nn.vgg import max_pool_2x2
 
   tensors, paths = vgg16_files
-  cfg = _term_config(alpha=1.0, sem_layers=("logit",), classifier_path=paths[fmt])
+  if fmt == "zip":
+    cfg = _term_config(alpha=1.0, sem_layers=("logit",), classifier_path=paths[fmt])
+  else:
+    monkeypatch.setenv("VQJAX_VGG16_CLASSIFIER", paths[fmt])
+    cfg = _term_config(alpha=1.0, sem_layers=("logit",))
   registry.LOSS_TERMS.check(cfg)
   term = registry.LOSS_TERMS.build(cfg)
   params = term.load_params()
@@ -264,7 +252,8 @@ def test_a_wrong_layout_names_the_tensor(tmp_path, change, message):
   from tests.torch_files import write_torch_state_dict
   from vqjax.weights.torch_state_dict import TorchFileError
 
-  tensors = {k: np.zeros(v.shape, np.float32) for k, v in _torchvision_state_dict().items()}
+  tensors = {k: np.zeros(v.shape, np.float32)
+             for k, v in torchvision_vgg16(HIDDEN, CLASSES).items()}
   change(tensors)
   path = str(tmp_path / "bad.pth")
   write_torch_state_dict(path, tensors, "legacy")

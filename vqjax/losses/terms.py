@@ -34,9 +34,10 @@ class Term:
   weight: float = 1.0
 
   @classmethod
-  def check_config(cls, cfg) -> None:
+  def check_config(cls, cfg, where: str = "") -> None:
+    """Ranges of the fields; `where` is the term's config path ('loss.terms.<label>')."""
     if cfg.weight < 0:
-      raise ConfigError(f"loss.terms.{cfg.name}.weight={cfg.weight} must be >= 0.")
+      raise ConfigError(f"{where or 'loss.terms.' + cfg.name}.weight={cfg.weight} must be >= 0.")
 
   def load_params(self) -> dict:
     return {}

@@ -343,7 +343,7 @@ def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
     if "name" not in term:
       raise ConfigError(f"loss.terms.{label} has no 'name': choose one of "
                         f"{registry.LOSS_TERMS.names()}.")
-    registry.LOSS_TERMS.check(term)
+    registry.LOSS_TERMS.check(term, where=f"loss.terms.{label}")
   downsampling = getattr(registry.ENCODERS.get(m.encoder.name), "downsampling", None)
   factor = downsampling(m.encoder) if downsampling else 1
   if c.data.image_size % factor:

@@ -72,7 +72,8 @@ def check_vgg16_file(path: str, field: str) -> tuple[int, int]:
   """
   if not path:
     raise ConfigError(f"{field} is empty: the 'logit' layer needs {FILE_NAME}, {SOURCE}; set "
-                      f"--config.{field}=/path/to/{FILE_NAME}, or leave 'logit' out of the layers.")
+                      f"VQJAX_VGG16_CLASSIFIER=/path/to/{FILE_NAME} (every recipe and pipeline "
+                      f"stage reads it) or --config.{field}, or leave 'logit' out of the layers.")
   if not os.path.isfile(path):
     raise WeightsNotFoundError(f"{field}={path!r}: no such file; the 'logit' layer needs "
                                f"{FILE_NAME}, {SOURCE}.")
