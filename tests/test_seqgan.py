@@ -100,10 +100,18 @@ def test_visualization_colab_runs_on_the_smoke_run(smoke_run, tmp_path, monkeypa
 
 def test_bad_seqgan_inputs_stop_before_compiling(tmp_path):
   """A phase 2 without its phase-1 checkpoint, a window that does not divide a decoder
-  level, alpha outside [0, 1], and `logit` without the VGG16 file: exit 2, one line."""
+  level, alpha outside [0, 1], `logit` without the VGG16 file or with a file of another
+  layout: exit 2, one line."""
+  from tests.torch_files import write_torch_state_dict
+
   phase1 = "configs/seqgan_imagenet.py:phase1,smoke"
   phase2 = "configs/seqgan_imagenet.py:phase2,smoke"
+  other = str(tmp_path / "resnet50.pth")
+  write_torch_state_dict(other, {"fc.weight": np.zeros((10, 8), np.float32)}, "legacy")
   run_table([
+      ([f"--config={phase1}", "--config.loss.terms.perceptual.sem_layers=('logit',)",
+        f"--config.loss.terms.perceptual.classifier_path={other}"],
+       "is not torchvision's VGG16 (vgg16-397923af.pth)"),
       ([f"--config={phase2}", f"--config.init_from.workdir={tmp_path / 'phase1'}"],
        "has no checkpoint to start this run from"),
       ([f"--config={phase2}", "--config.model.decoder.window_size=5",
