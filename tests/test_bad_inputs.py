@@ -25,7 +25,8 @@ TRANSFORMER = "configs/maskgit_imagenet.py:smoke"
 # The subprocesses must quiet TensorFlow themselves: vqjax.main sets these, not the test.
 # The weight files a developer may have set up would hide the errors for missing ones.
 _ENV = {k: v for k, v in os.environ.items()
-        if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "VQJAX_VGG16_CLASSIFIER")}
+        if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS", "VQJAX_VGG16_CLASSIFIER",
+                     "VQJAX_INCEPTION_LOGITS")}
 
 
 def bad_value(rule, default) -> str:

@@ -9,9 +9,13 @@ split and resolution), and optionally precision/recall.
 Samples (generators): FID/KID (and precision/recall) of image batches
 against reference statistics (`sample_metrics`).
 
-Inception Score needs the 1008-way logits head of the TF Inception; the
-shipped FID weights (`default_1.pt`) stop at pool3, so IS is reported as
-unavailable rather than computed from a head that is not there.
+Inception Score (Salimans et al. 2016) of the reconstructions or samples,
+with `config.eval.inception_logits_path`: the shipped FID weights
+(`default_1.pt`) stop at pool3, so the 1008-way logits head comes from
+pytorch-fid's Inception file, which the user downloads
+(`vqjax.weights.inception_logits`); the pool3 features stay the FID ones.
+Without that file the eval JSON carries the note `IS_UNAVAILABLE`, which
+says how to enable IS, instead of a score from a head that is not there.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from vqjax.core.writers import image_grid, write_images, write_json
 from vqjax.data.pipeline import eval_batches
 from vqjax.eval import feature_stats as fs
 from vqjax.eval import inception_features as incf
+from vqjax.eval.settings import INCEPTION_LOGITS_ENV, inception_logits_file
 from vqjax.ops import quantize as vq
+from vqjax.weights import inception_logits
 
 
 def summarize_eval(sums: dict) -> dict[str, float]:
@@ -44,8 +50,28 @@ def summarize_eval(sums: dict) -> dict[str, float]:
   }
 
 
-IS_UNAVAILABLE = ("inception_score: not computed; the shipped FID Inception (default_1.pt) has "
-                  "no logits head, only pool3 features")
+IS_FIELD = "eval.inception_logits_path"
+IS_UNAVAILABLE = (f"inception_score: not computed; the shipped FID Inception (default_1.pt) has "
+                  f"no logits head, only pool3 features. To compute it, download pytorch-fid's "
+                  f"{inception_logits.FILE_NAME} from {inception_logits.URL} and set "
+                  f"{INCEPTION_LOGITS_ENV}=<its path> or --config.{IS_FIELD}")
+
+
+def is_notes(config) -> list[str]:
+  """The eval JSON's notes about the Inception Score: `IS_UNAVAILABLE` when it is off."""
+  return [] if inception_logits_file(config.eval) else [IS_UNAVAILABLE]
+
+
+def class_probabilities(config, inception: incf.InceptionExtractor
+                        ) -> incf.ClassProbabilities | None:
+  """An empty IS accumulator with the head of `config.eval.inception_logits_path` (loaded
+  once per process); None when the field is not set."""
+  path = inception_logits_file(config.eval)
+  if not path:
+    return None
+  kernel, _ = inception_logits.load_inception_logits_head(path, IS_FIELD,
+                                                          inception.weights_path)
+  return incf.ClassProbabilities(kernel)
 
 
 def distribution_metrics(fake: dict, ref: dict, config, prefix: str = "") -> dict[str, float]:
@@ -122,13 +148,14 @@ def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config, mesh,
   if use_fid:
     ref = ReferenceStats(config, inception, config.data.val_split)
     fake = fs.RunningStats(incf.FEATURE_DIM, config.eval.max_features)
+    probs = class_probabilities(config, inception)
   total = config.eval.max_examples or None
   with incf.progress_bar(total, "eval") as bar:
     for i, batch in enumerate(eval_batches(config, jax.process_index(), jax.process_count())):
       device_batch = partitioning.shard_batch(batch, mesh)
       sums, x_hat = eval_step(params, vq_stats, device_batch, lpips_params)
       if use_fid:
-        inception.accumulate(fake, x_hat, batch["mask"])
+        inception.accumulate(fake, x_hat, batch["mask"], probs)
         if ref.building is not None:
           inception.accumulate(ref.building, device_batch["image"], batch["mask"])
       sums = jax.device_get(sums)
@@ -142,15 +169,20 @@ def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config, mesh,
   metrics = summarize_eval(totals)
   if use_fid:
     metrics.update(distribution_metrics(incf.stats_dict(fake), ref.finish(), config, prefix="r"))
+    if probs is not None:
+      metrics.update(probs.score())
   return metrics, grid
 
 
 def sample_metrics(batches, reference: dict, config, inception: incf.InceptionExtractor,
                    total: int | None = None) -> dict[str, float]:
-  """FID/KID of generated images ({'image', 'mask'} batches in [-1, 1]) against `reference`."""
-  stats = inception.stats_of_batches(batches, total, "sample features", config.eval.max_features)
+  """FID/KID of generated images ({'image', 'mask'} batches in [-1, 1]) against `reference`,
+  and their Inception Score with `config.eval.inception_logits_path`."""
+  probs = class_probabilities(config, inception)
+  stats = inception.stats_of_batches(batches, total, "sample features", config.eval.max_features,
+                                     probs)
   return {**distribution_metrics(incf.stats_dict(stats), reference, config),
-          "num_samples": stats.n}
+          **(probs.score() if probs is not None else {}), "num_samples": stats.n}
 
 
 def write_eval(writer, workdir: str, step: int, metrics: dict, grid: np.ndarray | None,

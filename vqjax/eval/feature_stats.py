@@ -8,8 +8,8 @@
 * `precision_recall`: k-NN manifold precision and recall (Kynkaanniemi et
   al. 2019), k = 3.
 * `inception_score`: exp(E_x KL(p(y|x) || p(y))) over splits (Salimans et
-  al. 2016); it needs class probabilities, which the shipped FID Inception
-  file does not have.
+  al. 2016); the class probabilities come from pytorch-fid's Inception file
+  (`vqjax.weights.inception_logits`), the shipped FID file has no head.
 * `RunningStats`: streaming mean and covariance (float64 sums), keeping up to
   `max_features` raw features for KID and precision/recall.
 """
@@ -164,6 +164,13 @@ def inception_score(probs, num_splits: int = 10) -> tuple[float, float]:
                 axis=1)
     scores.append(np.exp(kl.mean()))
   return float(np.mean(scores)), float(np.std(scores))
+
+
+def inception_score_splits(n: int, num_splits: int = 10) -> int:
+  """Splits for `n` images: `num_splits` (10, as Salimans et al. 2016) when every split gets
+  at least 2 images, else n // 2 (each split's marginal then averages 2 or 3 images), and 1
+  for a single image (whose score is exp(0) = 1)."""
+  return max(1, min(num_splits, n // 2))
 
 
 class RunningStats:

@@ -5,7 +5,8 @@
 [-1, 1] at any size (resized inside the jitted function). Reference
 statistics of a data split (mean, covariance and up to N raw features for
 KID) are computed once and cached as `.npz` under a cache directory, named
-by a hash of everything that changes them (`reference_key`).
+by a hash of everything that changes them (`reference_key`). `ClassProbabilities`
+turns the same features into the class probabilities of the Inception Score.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from vqjax.core import partitioning
-from vqjax.eval.feature_stats import FIDError, RunningStats
+from vqjax.eval.feature_stats import FIDError, RunningStats, inception_score, inception_score_splits
 from vqjax.nn.inception import FEATURE_DIM, FIDInceptionV3, inception_input
 from vqjax.weights.fid_inception import fid_inception_path, file_digest, load_fid_inception_params
 
@@ -79,21 +80,73 @@ class InceptionExtractor:
       mask = multihost_utils.process_allgather(mask, tiled=True)
     return feats[np.asarray(mask) > 0]
 
-  def accumulate(self, stats: RunningStats, images, mask) -> None:
-    stats.update(self.gather(self(images), mask))
+  def accumulate(self, stats: RunningStats, images, mask,
+                 probs: ClassProbabilities | None = None) -> None:
+    """Add the real rows' features to `stats` (and their class probabilities to `probs`)."""
+    features = self.gather(self(images), mask)
+    stats.update(features)
+    if probs is not None:
+      probs.update(features)
 
   def stats_of_batches(self, batches: Iterable[dict], total: int | None = None,
-                       desc: str = "Inception features",
-                       max_features: int = 50_000) -> RunningStats:
-    """RunningStats over batches {'image': [B,H,W,3] in [-1,1], 'mask': [B]} with a progress bar."""
+                       desc: str = "Inception features", max_features: int = 50_000,
+                       probs: ClassProbabilities | None = None) -> RunningStats:
+    """RunningStats over batches {'image': [B,H,W,3] in [-1,1], 'mask': [B]} with a progress
+    bar; `probs`, when given, collects the same images' class probabilities."""
     stats = RunningStats(FEATURE_DIM, max_features)
     with progress_bar(total, desc) as bar:
       for batch in batches:
         images = partitioning.shard_batch({"x": batch["image"]}, self.mesh)["x"]
         before = stats.n
-        self.accumulate(stats, images, batch["mask"])
+        self.accumulate(stats, images, batch["mask"], probs)
         bar.update(stats.n - before)
     return stats
+
+
+class ClassProbabilities:
+  """The 1008 class probabilities of every image, for the Inception Score (Salimans et al.
+  2016, section 4), from pool3 features and the logits head's kernel [2048, 1008].
+
+  logits = features @ kernel, without the head's bias: the authors' TF code multiplies pool3
+  by the weights of the graph's `softmax/logits/MatMul` and never adds the bias, and
+  torch-fidelity's `logits_unbiased` does the same, so the scores are comparable with theirs.
+  The softmax runs over all 1008 outputs (the graph's 1000 ImageNet classes and 8 unused
+  ones) in float64, after a float32 matrix product. Every image is kept, whatever
+  `eval.max_features` (which caps only the raw features for KID): 1008 float32 per image,
+  about 200 MB at 50k images.
+  """
+
+  def __init__(self, kernel: np.ndarray):
+    self.kernel = np.asarray(kernel, np.float32)
+    if self.kernel.shape[0] != FEATURE_DIM or self.kernel.ndim != 2:
+      raise ValueError(f"the logits kernel must be [{FEATURE_DIM}, classes], got "
+                       f"{self.kernel.shape}")
+    self._probs: list[np.ndarray] = []
+
+  def update(self, features) -> None:
+    logits = (np.asarray(features, np.float32) @ self.kernel).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    self._probs.append((p / p.sum(axis=1, keepdims=True)).astype(np.float32))
+
+  @property
+  def n(self) -> int:
+    return sum(len(p) for p in self._probs)
+
+  @property
+  def probs(self) -> np.ndarray:
+    if not self._probs:
+      return np.zeros((0, self.kernel.shape[1]), np.float32)
+    return np.concatenate(self._probs)
+
+  def score(self, num_splits: int = 10) -> dict[str, float]:
+    """{'inception_score', 'inception_score_std'}: mean and std over
+    `inception_score_splits(n, num_splits)` splits; {} before any image."""
+    if not self.n:
+      return {}
+    probs = self.probs
+    mean, std = inception_score(probs, inception_score_splits(len(probs), num_splits))
+    return {"inception_score": mean, "inception_score_std": std}
 
 
 def progress_bar(total: int | None, desc: str):

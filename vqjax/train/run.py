@@ -15,7 +15,7 @@ from vqjax.console import console
 from vqjax.core import checkpoint, partitioning, trees
 from vqjax.core.writers import image_grid, make_writer, write_images
 from vqjax.data.pipeline import train_dataset
-from vqjax.eval.evaluator import IS_UNAVAILABLE, evaluate_tokenizer, write_eval
+from vqjax.eval.evaluator import class_probabilities, evaluate_tokenizer, is_notes, write_eval
 from vqjax.eval.inception_features import InceptionExtractor
 from vqjax.losses.terms import Perceptual
 from vqjax.train.loop import StopRequest, TrainRun, every
@@ -51,7 +51,7 @@ class Setup:
 
   @property
   def notes(self) -> list[str]:
-    return [IS_UNAVAILABLE] if self.inception is not None else []
+    return is_notes(self.config) if self.inception is not None else []
 
 
 def setup(config, devices=None) -> Setup:
@@ -76,6 +76,8 @@ def setup(config, devices=None) -> Setup:
       in_shardings=(shardings.params, shardings.vq_stats, batch_sh, rep),
       out_shardings=(rep, batch_sh))
   inception = InceptionExtractor(mesh) if config.eval.fid else None
+  if inception is not None:
+    class_probabilities(config, inception)  # reads the IS head now (cached), not at the 1st eval
   return Setup(config, models, mesh, state, shardings, lpips_params, term_params, train_step,
                eval_step, inception)
 
