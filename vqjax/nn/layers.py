@@ -18,7 +18,7 @@ plain `nn.Conv` / `nn.Dense` / `nn.GroupNorm`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -72,17 +72,23 @@ def swish(x: jax.Array) -> jax.Array:
 
 
 class ResBlock(nn.Module):
-  """GroupNorm -> swish -> conv3x3, twice, with a 1x1 shortcut when width changes."""
+  """GroupNorm -> swish -> conv3x3, twice, with a 1x1 shortcut when width changes.
+
+  `norm(num_groups, name=...)` builds each normalisation (default `group_norm`);
+  a conditional one (e.g. MoVQ's SpatialNorm) gets the block's extra call
+  arguments `cond` as well: `ResBlock(..., norm=SpatialNorm)(x, z_q)`.
+  """
 
   features: int
   norm_groups: int = 32
   dtype: jnp.dtype = jnp.float32
+  norm: Callable[..., nn.Module] = group_norm
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, H, W, C]
-    h = group_norm(self.norm_groups, name="norm1")(x)
+  def __call__(self, x: jax.Array, *cond: jax.Array) -> jax.Array:  # x: [B, H, W, C]
+    h = self.norm(self.norm_groups, name="norm1")(x, *cond)
     h = conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(swish(h))
-    h = group_norm(self.norm_groups, name="norm2")(h)
+    h = self.norm(self.norm_groups, name="norm2")(h, *cond)
     h = conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(swish(h))
     if x.shape[-1] != self.features:
       x = conv(self.features, (1, 1), dtype=self.dtype, name="shortcut")(x)
@@ -90,15 +96,17 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Single-head spatial self-attention over all H*W positions, with residual."""
+  """Single-head spatial self-attention over all H*W positions, with residual; `norm`
+  and `cond` as in ResBlock."""
 
   norm_groups: int = 32
   dtype: jnp.dtype = jnp.float32
+  norm: Callable[..., nn.Module] = group_norm
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:  # x: [B, H, W, C]
+  def __call__(self, x: jax.Array, *cond: jax.Array) -> jax.Array:  # x: [B, H, W, C]
     b, h, w, c = x.shape
-    y = group_norm(self.norm_groups, name="norm")(x).reshape(b, h * w, c)
+    y = self.norm(self.norm_groups, name="norm")(x, *cond).reshape(b, h * w, c)
     q = dense(c, dtype=self.dtype, name="q")(y)
     k = dense(c, dtype=self.dtype, name="k")(y)
     v = dense(c, dtype=self.dtype, name="v")(y)
