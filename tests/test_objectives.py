@@ -2,6 +2,7 @@
 of length L with the reserved "no condition" id (dropout, classifier-free guidance)."""
 
 import ast
+import dataclasses
 import os
 
 import flax.linen as nn
@@ -53,7 +54,7 @@ def test_registry_lists_both_objectives_with_their_capabilities():
   assert registry.OBJECTIVES.get("gpt").teacher_forcing
   assert not registry.OBJECTIVES.get("maskgit").teacher_forcing
   assert registry.OBJECTIVES.get("maskgit").multichannel
-  assert not registry.OBJECTIVES.get("gpt").multichannel
+  assert registry.OBJECTIVES.get("gpt").multichannel
 
 
 def test_misspelt_objective_is_refused_with_the_nearest_name():
@@ -68,10 +69,18 @@ def test_misspelt_objective_is_refused_with_the_nearest_name():
     config_lib.transformer_config("maskgit", label_smothing=0.2)
 
 
-def test_gpt_refuses_multichannel_tokens():
-  with pytest.raises(ConfigError, match=r"\(3, 3, 2\).*multichannel.*maskgit"):
-    make_objective("gpt", token_shape=(3, 3, 2))
+def test_multichannel_tokens_and_an_objective_that_cannot_model_them():
+  """MaskGIT keeps the channels per position, the GPT one sequence of h*w*c indices; an
+  objective without the capability is refused, naming those that have it."""
   assert make_objective("maskgit", token_shape=(3, 3, 2)).sequence_shape == (9, 2)
+  assert make_objective("gpt", token_shape=(3, 3, 2)).sequence_shape == (18,)
+  gpt = registry.OBJECTIVES.get("gpt")
+  single = dataclasses.make_dataclass("SingleChannel", [], bases=(gpt,), frozen=True,
+                                      kw_only=True, eq=False,
+                                      namespace={"multichannel": False})
+  with pytest.raises(ConfigError, match=r"\(3, 3, 2\).*multichannel.*\['gpt', 'maskgit'\]"):
+    single(model_config=None, token_shape=(3, 3, 2), codebook_size=8,
+           conditions=Conditions(0, 1))
 
 
 def test_visualize_asks_for_the_teacher_forcing_capability(tmp_path):

@@ -38,7 +38,7 @@ def smoke(path, tmp_path):
 
 def test_every_transformer_config_has_a_smoke_variant():
   assert {os.path.basename(p) for p in CONFIGS} >= {
-      "maskgit_imagenet.py", "ar_imagenet.py", "movq_maskgit_ffhq.py"}
+      "maskgit_imagenet.py", "ar_imagenet.py"}
 
 
 @pytest.mark.parametrize("path", CONFIGS)

@@ -138,6 +138,10 @@ class Objective(abc.ABC):
     """[B, h, w(, c)] token maps -> [B, N(, c)]."""
     return tokens.reshape((tokens.shape[0],) + self.sequence_shape)
 
+  def unflatten(self, sequences):
+    """The inverse of `flatten`: [B, N(, c)] -> [B, h, w(, c)] token maps."""
+    return sequences.reshape((sequences.shape[0],) + tuple(self.token_shape))
+
   @functools.cached_property
   def model(self) -> nn.Module:
     return self.build_model()

@@ -6,8 +6,10 @@ import dataclasses
 from typing import ClassVar
 
 import jax.numpy as jnp
+import numpy as np
 
 from vqjax import registry
+from vqjax.errors import ConfigError
 from vqjax.nn.transformers import GPT
 from vqjax.objectives.base import NOT_CONFIG, Objective
 from vqjax.sampling import autoregressive
@@ -24,8 +26,13 @@ class NextToken(Objective):
   (no label smoothing by default). Sampling runs the condition prefix once,
   then one token per step through the KV cache, with temperature, top-k,
   top-p and classifier-free guidance (`vqjax.sampling.autoregressive`).
-  Teacher forcing also serves SeQ-GAN's visualisation (Sec. 3.2). Only
-  [h, w] token maps: multichannel tokens have no single raster order here.
+  Teacher forcing also serves SeQ-GAN's visualisation (Sec. 3.2).
+
+  Multichannel token maps [h, w, c] (MoVQ's "auto" scenario, Sec. 4.1) are
+  modelled as one sequence of N = h w c indices over the shared codebook, in
+  the order `order`: 'position_major' (MoVQ's raster order: the c channels
+  of position (0, 0), then those of (0, 1), ...; a plain row-major reshape)
+  or 'channel_major' (every position of channel 0, then of channel 1, ...).
 
   Model input ids, for codebook size K and condition vocabulary V:
 
@@ -36,8 +43,41 @@ class NextToken(Objective):
   positions L-1 .. L+N-2 predict the codes. An unconditional model has
   V = 0 and a prefix of one "no condition" id (id K), its start token.
   """
+  order: str = "position_major"  # multichannel tokens: see the class docstring
+
+  ORDERS: ClassVar[tuple[str, ...]] = ("position_major", "channel_major")
   teacher_forcing: ClassVar[bool] = True
+  multichannel: ClassVar[bool] = True
   optim_defaults: ClassVar[dict[str, float]] = {"lr": 4.5e-4, "weight_decay": 0.01, "b2": 0.95}
+
+  @staticmethod
+  def check_config(cfg) -> None:
+    if cfg.order not in NextToken.ORDERS:
+      raise ConfigError(f"model.objective.order={cfg.order!r} must be one of "
+                        f"{NextToken.ORDERS}.")
+
+  @property
+  def seq_len(self) -> int:
+    """h w c: every (position, channel) index is one step of the sequence."""
+    return int(np.prod(self.token_shape))
+
+  @property
+  def sequence_shape(self) -> tuple[int, ...]:
+    return (self.seq_len,)
+
+  def flatten(self, tokens):
+    """[B, h, w(, c)] -> [B, h w c] in `order`."""
+    if self.order == "channel_major" and tokens.ndim == 4:
+      tokens = jnp.transpose(tokens, (0, 3, 1, 2))
+    return tokens.reshape(tokens.shape[0], -1)
+
+  def unflatten(self, sequences):
+    """[B, h w c] in `order` -> [B, h, w(, c)]."""
+    b = sequences.shape[0]
+    if self.order == "channel_major" and len(self.token_shape) == 3:
+      h, w, c = self.token_shape
+      return jnp.transpose(sequences.reshape(b, c, h, w), (0, 2, 3, 1))
+    return sequences.reshape((b,) + tuple(self.token_shape))
 
   def build_model(self) -> GPT:
     m, c = self.model_config, self.conditions

@@ -77,6 +77,6 @@ class ImageSampler:
       labels = (jnp.arange(start, start + batch_size) % classes).astype(jnp.int32)
       t = self._draw(params, conditions.from_labels(labels),
                      jax.random.fold_in(jax.random.PRNGKey(seed), i))
-      t = t.reshape((batch_size,) + tuple(self.objective.token_shape))
+      t = self.objective.unflatten(t)
       images = np.asarray(jax.device_get(self._decode(self.variables, t)))
       yield images, np.asarray(t), np.asarray(labels), min(batch_size, num - start)

@@ -15,6 +15,8 @@ run continues exactly.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -156,8 +158,27 @@ class Restored:
     return nn.unbox(self.state.params)
 
 
+def check_trained_objective(config, workdir: str) -> None:
+  """ConfigError when the run in `workdir` (its config.json) trained its objective with
+  other fields than `config.model.objective` (e.g. a GPT on multichannel tokens in another
+  order): its checkpoints would be read as a different model."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    trained = json.load(f).get("model", {}).get("objective", {})
+  asked = json.loads(json.dumps(config.model.objective.to_dict()))  # tuples as lists
+  differ = sorted(k for k in set(trained) | set(asked) if trained.get(k) != asked.get(k))
+  if differ:
+    shown = ", ".join(f"{k}={asked.get(k)!r} (trained: {trained.get(k)!r})" for k in differ)
+    raise ConfigError(f"model.objective: {shown}; the transformer in {workdir} was trained "
+                      f"with {trained}: use those fields (e.g. --config.model.objective."
+                      f"{differ[0]}={trained.get(differ[0])}) or another --workdir.")
+
+
 def restore_models(config, workdir: str) -> Restored:
   """The latest transformer in `workdir` and the tokenizer named in `config.tokenizer`."""
+  check_trained_objective(config, workdir)
   tok, tok_config, variables = generate.restore_tokenizer(config)
   s = setup(config)
   state, step = generate.restore_latest(workdir, s.state, "transformer")
@@ -190,6 +211,7 @@ def train(config, workdir: str, stop: StopRequest | None = None,
   Every `eval.every_steps` and at the last step: validation loss/accuracy (with
   `tokens.val_dir`) and a sample grid (with `config.tokenizer`).
   """
+  check_trained_objective(config, workdir)
   s = setup(config)
   grid = _sample_grid(s)  # restores the tokenizer: a missing one stops here, before the run
   r = TrainRun(config, workdir)

@@ -47,7 +47,7 @@ def visualize(config, workdir: str, num_images: int = 8) -> dict:
   flat = objective.flatten(tokens)
   cond = objective.conditions.from_labels(batch["label"][:n])
   pred, acc = teacher_forced_top1(lambda t, c: objective.logits(params, t, c), flat, cond)
-  decode = lambda t: np.asarray(decode_tokens(tok, variables, t.reshape(tokens.shape)))
+  decode = lambda t: np.asarray(decode_tokens(tok, variables, objective.unflatten(t)))
   grid = image_grid([images, decode(flat), decode(pred)], max_rows=n)
   folder = os.path.join(workdir, "visualize")
   os.makedirs(folder, exist_ok=True)
