@@ -39,8 +39,8 @@ def get_config(arg=None):
   if word is None:
     return imagenet.pipeline(FILE, smoke, prefix=f"{category},")
   lsun = {"source": "tfds", "name": CATEGORIES[category], "image_size": 256}
-  if category == "cat":  # TFDS's object categories have no validation split: hold out 300
-    lsun.update(train_split="train[300:]", val_split="train[:300]")
+  if category == "cat" and not smoke:  # TFDS's object categories have no validation split
+    lsun.update(train_split="train[300:]", val_split="train[:300]")  # hold out 300
   run = f"runs/seqgan_lsun_{category}"
   c = imagenet.stage_config(word, lsun, smoke, f"{run}/phase1", num_classes=0)
   if row:

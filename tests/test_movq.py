@@ -30,12 +30,40 @@ def in_repository(function, *args):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-  """DIR of a finished `configs/movq_imagenet.py:smoke` pipeline (run in this process)."""
+  """DIR of a finished `configs/movq_imagenet.py:smoke` pipeline (run in this process).
+
+  The directory is fixed per test session (and xdist worker): should pytest set this
+  module fixture up again, the pipeline's markers make the rerun skip every stage.
+  """
   from vqjax.train.pipeline import run_pipeline
 
-  workdir = str(tmp_path_factory.mktemp("movq") / "run")
+  workdir = str(tmp_path_factory.getbasetemp() / "movq_smoke_run")
   in_repository(run_pipeline, load_config("configs/movq_imagenet.py:smoke"), workdir)
   return workdir
+
+
+@pytest.fixture(scope="module")
+def auto_run(smoke_run):
+  """DIR of the "auto" GPT trained, sampled and evaluated on the smoke run's tokens (once
+  per session: a marker file records that the three modes finished)."""
+  from vqjax.train.modes import run_mode
+
+  workdir = os.path.join(smoke_run, "auto")
+  done = os.path.join(workdir, "modes_finished")
+  if not os.path.exists(done):
+    for mode in ("train", "sample", "eval"):
+      in_repository(run_mode, auto_config(smoke_run), workdir, mode)
+    open(done, "w").close()
+  return workdir
+
+
+def auto_config(smoke_run):
+  config = load_config("configs/movq_imagenet.py:auto,smoke")
+  tokenizer = os.path.join(smoke_run, "tokenizer")
+  config.tokens.dir = os.path.join(tokenizer, "tokens_train")
+  config.tokens.val_dir = os.path.join(tokenizer, "tokens_validation")
+  config.tokenizer.workdir = tokenizer
+  return config
 
 
 def _json(pattern):
@@ -57,19 +85,10 @@ def test_smoke_pipeline_leaves_every_stages_output(smoke_run):
   assert all(np.isfinite(table[k]) for k in ("psnr", "ssim", "lpips", "rfid")), table
 
 
-def test_auto_scenario_trains_samples_and_evaluates_on_multichannel_tokens(smoke_run):
+def test_auto_scenario_trains_samples_and_evaluates_on_multichannel_tokens(auto_run):
   """A GPT over the h*w*c indices (position-major) of the smoke tokenizer: train, sample
   [h, w, 4] maps that decode to images, and FID of the samples."""
-  from vqjax.train.modes import run_mode
-
-  config = load_config("configs/movq_imagenet.py:auto,smoke")
-  tokenizer = os.path.join(smoke_run, "tokenizer")
-  config.tokens.dir = os.path.join(tokenizer, "tokens_train")
-  config.tokens.val_dir = os.path.join(tokenizer, "tokens_validation")
-  config.tokenizer.workdir = tokenizer
-  workdir = os.path.join(smoke_run, "auto")
-  for mode in ("train", "sample", "eval"):
-    in_repository(run_mode, config, workdir, mode)
+  workdir = auto_run
   (samples,) = glob.glob(os.path.join(workdir, "samples", "samples_*.npz"))
   saved = np.load(samples)
   assert saved["tokens"].shape[1:] == (16, 16, 4) and saved["images"].shape[1:] == (32, 32, 3)
@@ -113,13 +132,10 @@ def test_tokens_colab_runs_on_the_smoke_run(smoke_run, monkeypatch):
   assert "tokens (2, 16, 16, 4)" in text and "changes the decoding by" in text
 
 
-def test_bad_movq_inputs_stop_before_compiling(smoke_run, tmp_path):
+def test_bad_movq_inputs_stop_before_compiling(smoke_run, auto_run, tmp_path):
   """channels that do not divide the embedding, more conditioned blocks than the decoder
   has, an unknown F^0, and a GPT asked for another token order than it was trained on."""
   tokenizer = "configs/movq_imagenet.py:tokenizer,smoke"
-  auto_run = os.path.join(smoke_run, "auto")
-  if not os.path.exists(os.path.join(auto_run, "config.json")):
-    pytest.skip("needs the auto run of the test above")
   run_table([
       ([f"--config={tokenizer}", "--config.model.quantizer.channels=3"], "channels=3"),
       ([f"--config={tokenizer}", "--config.model.decoder.spatial_norm_blocks=99"],

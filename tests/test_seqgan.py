@@ -21,10 +21,14 @@ STAGES = ["phase1", "phase2", "tokens_train", "tokens_val", "nar", "nar_samples"
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-  """DIR of a finished `configs/seqgan_imagenet.py:smoke` pipeline (run in this process)."""
+  """DIR of a finished `configs/seqgan_imagenet.py:smoke` pipeline (run in this process).
+
+  The directory is fixed per test session (and xdist worker): should pytest set this
+  module fixture up again, the pipeline's markers make the rerun skip every stage.
+  """
   from vqjax.train.pipeline import run_pipeline
 
-  workdir = str(tmp_path_factory.mktemp("seqgan") / "run")
+  workdir = str(tmp_path_factory.getbasetemp() / "seqgan_smoke_run")
   cwd = os.getcwd()
   os.chdir(ROOT)  # the recipe names its stages' recipes by paths from the repository root
   try:
