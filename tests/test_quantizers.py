@@ -57,7 +57,7 @@ def test_regvq_mask_ratio_is_the_fraction_of_stochastic_positions():
   np.testing.assert_array_equal(np.asarray(out.aux["sample_distance"])[det], 0.0)
 
 
-def test_gumbel_region_samples_softmax_of_logits_over_temperature():
+def test_gumbel_region_samples_softmax_of_logits_not_of_tempered_logits():
   logits = jnp.array([1.0, 0.0, -0.5, 2.0, 0.3])
   n = 40_000
   tiled = jnp.broadcast_to(logits, (n, 5))
@@ -65,12 +65,13 @@ def test_gumbel_region_samples_softmax_of_logits_over_temperature():
   gumbel = jax.random.gumbel(jax.random.PRNGKey(3), (n, 5))
   out = vq.stochastic_mask_quantize(tiled, codebook, jnp.ones((n,)), gumbel, 0.9)
   observed = np.bincount(np.asarray(out["indices"]), minlength=5)
-  expected = scipy.special.softmax(np.asarray(logits, np.float64) / 0.9) * n
+  # Algorithm 1: argmax(P + g) draws from softmax(P); tau = 0.9 only shapes the backward pass
+  expected = scipy.special.softmax(np.asarray(logits, np.float64)) * n
   _, p_value = scipy.stats.chisquare(observed, expected)
   assert p_value > 1e-3, (observed, expected)
-  # and it is not softmax(P): that alternative is rejected
-  untempered = scipy.special.softmax(np.asarray(logits, np.float64)) * n
-  _, p_wrong = scipy.stats.chisquare(observed, untempered)
+  # and it is not softmax(P / tau): that alternative is rejected
+  tempered = scipy.special.softmax(np.asarray(logits, np.float64) / 0.9) * n
+  _, p_wrong = scipy.stats.chisquare(observed, tempered)
   assert p_wrong < 1e-6
   # the sample distance is ||Z[sampled] - Z[argmax]||^2: 2 off the argmax, 0 on it
   np.testing.assert_allclose(out["sample_distance"],
@@ -90,14 +91,14 @@ def test_algorithm_1_gradient_is_the_softmax_matmul_gradient(stochastic):
     return vq.stochastic_mask_quantize(lg, cb, mask, gumbel, 0.9)["quantized"]
 
   def relaxed(lg, cb):  # Algorithm 1's backward pass, written directly
-    scores = lg / 0.9 + gumbel if stochastic else lg
+    scores = (lg + gumbel) / 0.9 if stochastic else lg
     return jax.nn.softmax(scores, axis=-1) @ cb
 
   value, vjp = jax.vjp(quantize, logits, codebook)
   _, vjp_ref = jax.vjp(relaxed, logits, codebook)
   for got, want in zip(vjp(cotangent), vjp_ref(cotangent), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  scores = np.asarray(logits / 0.9 + gumbel if stochastic else logits)
+  scores = np.asarray(logits + gumbel if stochastic else logits)  # forward: argmax(P + g)
   np.testing.assert_allclose(value, np.asarray(codebook)[scores.argmax(-1)], atol=1e-6)
 
 

@@ -284,8 +284,9 @@ class MultichannelQuantizer(VectorQuantizer):
 class RegVQQuantizer(nn.Module):
   """Reg-VQ (3.1-3.2): a 1x1 head gives token logits P [B, h, w, K]; a
   Bernoulli(mask_ratio) mask picks the positions whose token is Gumbel-
-  sampled (`vqjax.ops.quantize.stochastic_mask_quantize`); the rest take
-  argmax P. Backward through softmax (Algorithm 1). Loss: prior_weight *
+  sampled from softmax(P) as argmax(P + g) (`vqjax.ops.quantize.stochastic_mask_quantize`);
+  the rest take argmax P. Backward through softmax(P), and in the sampled
+  region through softmax((P + g) / temperature) (Algorithm 1). Loss: prior_weight *
   KL(mean softmax(P) || uniform) (Eq. 1). Deterministic at eval.
 
   aux: `stochastic_mask` (1 where sampled) and `sample_distance`

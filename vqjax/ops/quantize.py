@@ -219,21 +219,21 @@ def stochastic_mask_quantize(
   gumbel g [..., K] ~ Gumbel(0, 1).
 
   Deterministic region: index = argmax P, backward through softmax(P).
-  Stochastic region: index = argmax(P / tau + g), backward through
-  softmax(P / tau + g), so the index is a sample of softmax(P / tau).
-  Algorithm 1 writes no temperature; the paper's supplement sets
-  tau = 0.9 "in Gumbel-Softmax". It is applied to the logits here, so it
-  sets the sampling distribution as well as the relaxation.
+  Stochastic region (Algorithm 1): index = argmax(P + g), so the index is a
+  sample of softmax(P); backward through the Gumbel-softmax relaxation
+  softmax((P + g) / tau) with the same g. The temperature tau (0.9 in the
+  paper's supplement, "in Gumbel-Softmax") shapes only the relaxation, never
+  which token is drawn.
 
   Returns dict(indices, best_indices, quantized (straight-through),
   sample_distance = ||Z[indices] - Z[best_indices]||^2, 0 where M == 0).
   """
   best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  perturbed = logits / temperature + gumbel
+  perturbed = logits + gumbel
   sampled = jnp.argmax(perturbed, axis=-1).astype(jnp.int32)
   stochastic = mask.astype(bool)
   indices = jnp.where(stochastic, sampled, best)
-  soft = jnp.where(stochastic[..., None], jax.nn.softmax(perturbed, axis=-1),
+  soft = jnp.where(stochastic[..., None], jax.nn.softmax(perturbed / temperature, axis=-1),
                    jax.nn.softmax(logits, axis=-1))
   quantized = softmax_straight_through(indices, soft, codebook)
   z_s, z_q = lookup(indices, sg(codebook)), lookup(best, sg(codebook))
