@@ -55,6 +55,17 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.data.eval_random_crop = False  # True: crops drawn with a fixed seed (same every pass)
   c.data.crops_per_image = 256  # embedded set only
   c.data.eval_crops_per_image = 16  # embedded set only
+  # Semantic label maps (vqjax.data.label_maps); batches gain 'label_map' [B, H, W] int32.
+  c.data.semantic_classes = 0  # number of semantic ids (maps hold 0..n-1); 0 = no label maps
+  # '' | 'paired' (image folder + label_folder, same file stem) | 'tfds' (the feature
+  # label_map_key) | 'colour_clusters' (nearest of a fixed palette of semantic_classes colours)
+  c.data.label_maps = ""
+  c.data.label_folder = ""  # 'paired': the maps of data.folder's images
+  c.data.val_label_folder = ""  # 'paired': the maps of data.val_folder's ('' = label_folder)
+  c.data.label_map_key = "annotation"  # 'tfds': the feature holding the map
+  # -1: a map is single-channel, palette or colour with equal channels; k >= 0: channel k of a
+  # colour map holds the ids (0 for TFDS scene_parse150: R = category, G = instance)
+  c.data.label_map_channel = -1
 
   # The tokenizer: three registered parts (vqjax.registry), each with its own fields.
   c.model = ml_collections.ConfigDict()
@@ -122,6 +133,9 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c.eval.max_examples = 10_000  # 0 = the whole split
   c.eval.at_start = False  # also evaluate the untrained model at step 0
   c.eval.checkpoint_step = -1  # --mode=eval: -1 = latest
+  # --mode=eval: also write codebook_usage_<step>.png and codebook_pca_<step>.png into the
+  # workdir, next to its eval_<step>.json (which records their paths)
+  c.eval.codebook_plots = False
   # Inception metrics (rFID/KID against the val split's cached statistics).
   c.eval.fid = True
   add_fid_settings(c.eval)
@@ -262,6 +276,9 @@ def transformer_config(objective: str, **objective_fields) -> ml_collections.Con
   c.model.dropout = 0.1
   # The condition prefix: a class label (length 1) over num_classes ids, 0 = unconditional.
   c.model.num_classes = 1000
+  # 'class' | 'semantic_map': the token store's condition maps (semantic ids on a grid,
+  # Reg-VQ's semantic image synthesis) are the prefix; num_classes = the number of ids.
+  c.model.condition = "class"
   c.model.cond_dropout = 0.1  # fraction of examples whose prefix is "no condition" (guidance)
 
   c.optim = ml_collections.ConfigDict()

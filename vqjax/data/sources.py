@@ -1,16 +1,22 @@
 """Random-access image sources (SPEC section 8).
 
 Every source is a sequence of records `{'image': bytes | uint8 [H, W, 3],
-'label': int}` with `__len__` and `__getitem__`, as Grain's
+'label': int, 'path': str}` with `__len__` and `__getitem__`, as Grain's
 `MapDataset.source` expects. Decoding (`vqjax.data.images`) happens in the
 pipeline so that a corrupt file is counted and skipped there, never fatal here.
+With `config.data.label_maps` 'paired' or 'tfds', records also hold 'label_map'
+(the map file's path, a TFDS feature's array, or None for an image without a
+map, which the pipeline skips and counts like a corrupt file) and 'label_map_path'
+(what errors about the map name); see `vqjax.data.label_maps`.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Sequence
 
+from vqjax.console import warn
 from vqjax.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -23,6 +29,11 @@ EMBEDDED_IMAGES = (
 )
 # Deterministic split by image: these two are never seen in training.
 EMBEDDED_VAL_IMAGES = ("coffee.png", "motorcycle_right.png")
+VAL_SPLITS = ("val", "validation", "test")
+
+# (image folder, label folder) pairs already warned about: one line per process, not per pass.
+_WARNED_UNPAIRED: set[tuple[str, str]] = set()
+_WARNED_LOCK = threading.Lock()
 
 
 class DataSetNotFoundError(UserError, FileNotFoundError):
@@ -36,15 +47,18 @@ class ImagesNotDecodableError(DataSetNotFoundError):
 class FileImageSource:
   """Records read lazily from image files; the label is the index of the file's class.
 
-  `root` (the folder the files came from) is what error messages name.
+  `root` (the folder the files came from) is what error messages name. With `label_paths`
+  (one map file or None per image), records also hold 'label_map' (that path) and
+  'label_map_path'.
   """
 
   def __init__(self, paths: Sequence[str], labels: Sequence[int], repeats: int = 1,
-               root: str = ""):
+               root: str = "", label_paths: Sequence[str | None] | None = None):
     self.paths = list(paths)
     self.labels = list(labels)
     self.repeats = repeats
     self.root = root
+    self.label_paths = None if label_paths is None else list(label_paths)
 
   def __len__(self) -> int:
     return len(self.paths) * self.repeats
@@ -53,7 +67,10 @@ class FileImageSource:
     i = index % len(self.paths)
     with open(self.paths[i], "rb") as f:
       data = f.read()
-    return {"image": data, "label": self.labels[i], "path": self.paths[i]}
+    record = {"image": data, "label": self.labels[i], "path": self.paths[i]}
+    if self.label_paths is not None:
+      record.update(label_map=self.label_paths[i], label_map_path=self.label_paths[i])
+    return record
 
 
 def embedded_source(split: str, crops_per_image: int) -> FileImageSource:
@@ -64,7 +81,7 @@ def embedded_source(split: str, crops_per_image: int) -> FileImageSource:
   root = os.path.join(os.path.dirname(skimage.__file__), "data")
   if split == "train":
     names = [n for n in EMBEDDED_IMAGES if n not in EMBEDDED_VAL_IMAGES]
-  elif split in ("val", "validation", "test"):
+  elif split in VAL_SPLITS:
     names = list(EMBEDDED_VAL_IMAGES)
   else:
     raise ValueError(f"embedded data has splits 'train' and 'validation', not {split!r}")
@@ -107,7 +124,7 @@ def list_images(folder: str) -> tuple[list[str], list[int]]:
 
 def folder_source(folder: str, val_folder: str, split: str, val_fraction: float) -> FileImageSource:
   """An image folder; without `val_folder`, every round(1/val_fraction)-th file is validation."""
-  is_val = split in ("val", "validation", "test")
+  is_val = split in VAL_SPLITS
   if is_val and val_folder:
     return FileImageSource(*list_images(val_folder), root=val_folder)
   paths, labels = list_images(folder)
@@ -122,13 +139,75 @@ def folder_source(folder: str, val_folder: str, split: str, val_fraction: float)
   return FileImageSource([paths[i] for i in keep], [labels[i] for i in keep], root=folder)
 
 
-class TfdsSource:
-  """A TFDS `data_source` (random access over ArrayRecord files)."""
+def _label_files(label_folder: str) -> tuple[dict, dict]:
+  """Map files under `label_folder` by relative stem (path without extension) and by bare
+  file stem (only stems that occur once); where one stem has several extensions, the first
+  of IMAGE_EXTENSIONS (PNG) wins."""
+  by_rel: dict[str, str] = {}
+  by_name: dict[str, list[str]] = {}
+  rank = lambda p: IMAGE_EXTENSIONS.index(os.path.splitext(p)[1].lower())
+  for path in sorted(image_paths(label_folder), key=rank):
+    rel = os.path.splitext(os.path.relpath(path, label_folder))[0]
+    if rel not in by_rel:
+      by_rel[rel] = path
+      by_name.setdefault(os.path.basename(rel), []).append(path)
+  return by_rel, {k: v[0] for k, v in by_name.items() if len(v) == 1}
 
-  def __init__(self, name: str, split: str, data_dir: str | None):
+
+def pair_label_files(paths: Sequence[str], root: str, label_folder: str) -> list[str | None]:
+  """The map file of each image path (relative to `root`): the file of `label_folder` with
+  the same relative stem, else the one with the same bare file stem; None where there is none."""
+  by_rel, by_name = _label_files(label_folder)
+  out = []
+  for path in paths:
+    rel = os.path.splitext(os.path.relpath(path, root))[0]
+    out.append(by_rel.get(rel) or by_name.get(os.path.basename(rel)))
+  return out
+
+
+def with_label_maps(source: FileImageSource, label_folder: str) -> FileImageSource:
+  """`source` whose records carry their map files from `label_folder` (paired by stem).
+
+  Images without a map stay in the source with 'label_map' None: the pipeline skips and
+  counts them like corrupt files; one warning per process names the first. No map for any
+  image is a DataSetNotFoundError naming both folders.
+  """
+  if not os.path.isdir(label_folder):
+    raise DataSetNotFoundError(
+        f"label folder {label_folder!r} does not exist: set config.data.label_folder (and "
+        "data.val_label_folder) to the folder of label maps named as the images.")
+  label_paths = pair_label_files(source.paths, source.root, label_folder)
+  missing = [p for p, m in zip(source.paths, label_paths, strict=True) if m is None]
+  if len(missing) == len(label_paths):
+    example = os.path.splitext(os.path.relpath(missing[0], source.root))[0]
+    raise DataSetNotFoundError(
+        f"none of the {len(missing)} images under {source.root!r} has a label map in "
+        f"{label_folder!r} (paired by file stem, e.g. {example}.png): point "
+        "config.data.label_folder at the maps of config.data.folder's images.")
+  if missing:
+    _warn_unpaired(source.root, label_folder, missing, len(label_paths))
+  return FileImageSource(source.paths, source.labels, source.repeats, source.root, label_paths)
+
+
+def _warn_unpaired(root: str, label_folder: str, missing: list[str], total: int) -> None:
+  with _WARNED_LOCK:
+    first = (root, label_folder) not in _WARNED_UNPAIRED
+    _WARNED_UNPAIRED.add((root, label_folder))
+  if first:
+    warn(f"{len(missing)} of the {total} images under {root} have no label map in "
+         f"{label_folder} (first: {missing[0]}); they are skipped and counted with the "
+         "undecodable images")
+
+
+class TfdsSource:
+  """A TFDS `data_source` (random access over ArrayRecord files); with `label_map_key`,
+  records also hold that feature as 'label_map'."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None, label_map_key: str = ""):
     import tensorflow_datasets as tfds
 
     self.root = f"TFDS {name} split {split}"
+    self.label_map_key = label_map_key
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
         "~/tensorflow_datasets")
     try:
@@ -141,14 +220,48 @@ class TfdsSource:
           f"`tfds build {name} --data_dir={where} --file_format=array_record` (ImageNet also "
           "needs --manual_dir with the downloaded archives), or set config.data.data_dir "
           "to where it is.") from e
+    if label_map_key:
+      _check_feature(self.source, name, label_map_key)
 
   def __len__(self) -> int:
     return len(self.source)
 
   def __getitem__(self, index: int) -> dict:
     record = self.source[index]
-    return {"image": record["image"], "label": int(record.get("label", 0)),
-            "path": f"{self.root} record {index}"}
+    out = {"image": record["image"], "label": int(record.get("label", 0)),
+           "path": f"{self.root} record {index}"}
+    if self.label_map_key:
+      if self.label_map_key not in record:
+        raise _no_feature_error(self.root, self.label_map_key, record)
+      out.update(label_map=record[self.label_map_key],
+                 label_map_path=f"{out['path']} feature {self.label_map_key!r}")
+    return out
+
+
+def _check_feature(source, name: str, key: str) -> None:
+  """ConfigError when the data set's features (where the source lists them) lack `key`."""
+  info = getattr(source, "dataset_info", None)
+  features = getattr(info, "features", None)
+  try:
+    names = list(features.keys()) if features is not None else None
+  except (AttributeError, TypeError):
+    names = None
+  if names is not None and key not in names:
+    raise _no_feature_error(f"TFDS {name}", key, names)
+
+
+def _no_feature_error(where: str, key: str, names) -> Exception:
+  from vqjax.errors import ConfigError
+
+  return ConfigError(f"{where} has no feature {key!r} (it has {', '.join(sorted(names))}): set "
+                     "config.data.label_map_key to the feature that holds the label maps.")
+
+
+def _label_folder(data_cfg, split: str) -> str:
+  """The folder of maps for `split`: val_label_folder for a separate val_folder (when set)."""
+  if split in VAL_SPLITS and data_cfg.val_folder and data_cfg.get("val_label_folder", ""):
+    return data_cfg.val_label_folder
+  return data_cfg.label_folder
 
 
 def build_source(data_cfg, split: str):
@@ -156,10 +269,13 @@ def build_source(data_cfg, split: str):
   if data_cfg.source == "embedded":
     return embedded_source(split, data_cfg.crops_per_image if split == "train" else
                            data_cfg.eval_crops_per_image)
+  mode = data_cfg.get("label_maps", "")
   if data_cfg.source == "folder":
-    return folder_source(data_cfg.folder, data_cfg.val_folder, split, data_cfg.val_fraction)
+    source = folder_source(data_cfg.folder, data_cfg.val_folder, split, data_cfg.val_fraction)
+    return with_label_maps(source, _label_folder(data_cfg, split)) if mode == "paired" else source
   if data_cfg.source == "tfds":
-    return TfdsSource(data_cfg.name, split, data_cfg.data_dir)
+    return TfdsSource(data_cfg.name, split, data_cfg.data_dir,
+                      data_cfg.label_map_key if mode == "tfds" else "")
   raise ValueError(f"config.data.source must be 'embedded', 'folder' or 'tfds', "
                    f"not {data_cfg.source!r}")
 
@@ -167,7 +283,8 @@ def build_source(data_cfg, split: str):
 # Ranges and choices of `config.data` (vqjax.checks), checked before anything is built.
 DATA_RULES = {"source": ("embedded", "folder", "tfds"), "image_size": ">=1",
               "resize_shorter": ">=1", "val_fraction": "(0,1)", "crops_per_image": ">=1",
-              "eval_crops_per_image": ">=1"}
+              "eval_crops_per_image": ">=1", "semantic_classes": ">=0",
+              "label_maps": ("", "paired", "tfds", "colour_clusters"), "label_map_channel": ">=-1"}
 
 
 def validate_data_config(data_cfg) -> None:
@@ -181,6 +298,36 @@ def validate_data_config(data_cfg) -> None:
                       "directory of images.")
   if data_cfg.source == "tfds" and not data_cfg.name:
     raise ConfigError("data.source='tfds' needs data.name, e.g. --config.data.name=imagenet2012.")
+  _validate_label_maps(data_cfg)
+
+
+def _validate_label_maps(data_cfg) -> None:
+  """ConfigError for `config.data`'s label-map fields that do not fit together."""
+  from vqjax.errors import ConfigError
+
+  mode, classes = data_cfg.get("label_maps", ""), data_cfg.get("semantic_classes", 0)
+  if mode and classes <= 0:
+    raise ConfigError(f"data.label_maps={mode!r} needs data.semantic_classes > 0: set "
+                      "--config.data.semantic_classes to the number of ids in the maps.")
+  if classes > 0 and not mode:
+    raise ConfigError(f"data.semantic_classes={classes} needs data.label_maps: set "
+                      "--config.data.label_maps to 'paired', 'tfds' or 'colour_clusters', or "
+                      "data.semantic_classes to 0.")
+  if mode == "paired" and data_cfg.source != "folder":
+    raise ConfigError(f"data.label_maps='paired' needs data.source='folder', not "
+                      f"{data_cfg.source!r}: set --config.data.source=folder.")
+  if mode == "paired" and not data_cfg.label_folder:
+    raise ConfigError("data.label_maps='paired' needs data.label_folder: set "
+                      "--config.data.label_folder to the folder of maps named as the images.")
+  if mode == "paired" and data_cfg.val_label_folder and not data_cfg.val_folder:
+    raise ConfigError("data.val_label_folder needs data.val_folder (the images it pairs with): "
+                      "set --config.data.val_folder, or leave val_label_folder empty.")
+  if mode == "tfds" and data_cfg.source != "tfds":
+    raise ConfigError(f"data.label_maps='tfds' needs data.source='tfds', not "
+                      f"{data_cfg.source!r}: set --config.data.source=tfds.")
+  if mode == "tfds" and not data_cfg.label_map_key:
+    raise ConfigError("data.label_maps='tfds' needs data.label_map_key: set it to the TFDS "
+                      "feature that holds the maps, e.g. --config.data.label_map_key=annotation.")
 
 
 def check_data_exists(data_cfg, splits) -> None:
@@ -191,6 +338,8 @@ def check_data_exists(data_cfg, splits) -> None:
   embedded images must be installed.
   """
   if data_cfg.source == "folder":
+    if data_cfg.get("label_maps", "") == "paired":
+      _check_label_folders(data_cfg)
     for folder in (data_cfg.folder, data_cfg.val_folder):
       if not folder:
         continue
@@ -220,3 +369,11 @@ def check_data_exists(data_cfg, splits) -> None:
                           "one it has.") from None
   finally:
     absl_logger.setLevel(level)
+
+
+def _check_label_folders(data_cfg) -> None:
+  for folder in (data_cfg.label_folder, data_cfg.val_label_folder):
+    if folder and not os.path.isdir(folder):
+      raise DataSetNotFoundError(
+          f"label folder {folder!r} does not exist: set config.data.label_folder (and "
+          "data.val_label_folder) to the folder of label maps named as the images.")

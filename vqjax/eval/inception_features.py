@@ -175,6 +175,10 @@ def data_description(config, split: str) -> dict:
                 val_fraction=d.val_fraction)
   elif d.source == "embedded":
     desc.update(eval_crops_per_image=d.eval_crops_per_image)
+  if d.get("label_maps", ""):  # 'paired' skips images without a map; none: the key as before
+    desc.update(label_maps=d.label_maps, semantic_classes=d.semantic_classes,
+                label_folder=d.label_folder, val_label_folder=d.val_label_folder,
+                label_map_key=d.label_map_key, label_map_channel=d.label_map_channel)
   return desc
 
 
