@@ -139,9 +139,10 @@ def real_rows_grid(batch: dict, x_hat: np.ndarray) -> np.ndarray | None:
 
 
 def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config, mesh,
-                       inception: incf.InceptionExtractor | None = None
-                       ) -> tuple[dict, np.ndarray | None]:
-  """One pass over the val split; returns (metrics, grid of the first batch)."""
+                       inception: incf.InceptionExtractor | None = None,
+                       return_counts: bool = False) -> tuple:
+  """One pass over the val split; returns (metrics, grid of the first batch), and with
+  `return_counts` also the pass's code counts [K] (float, summed over every token)."""
   totals = None
   grid = None
   use_fid = bool(config.eval.fid) and inception is not None
@@ -171,6 +172,8 @@ def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config, mesh,
     metrics.update(distribution_metrics(incf.stats_dict(fake), ref.finish(), config, prefix="r"))
     if probs is not None:
       metrics.update(probs.score())
+  if return_counts:
+    return metrics, grid, np.asarray(totals["code_counts"])
   return metrics, grid
 
 
@@ -186,14 +189,18 @@ def sample_metrics(batches, reference: dict, config, inception: incf.InceptionEx
 
 
 def write_eval(writer, workdir: str, step: int, metrics: dict, grid: np.ndarray | None,
-               notes: list[str] | None = None) -> str:
-  """Scalars to TensorBoard (prefix eval/), `workdir/eval_<step>.json`, and the grid."""
+               notes: list[str] | None = None, extra: dict | None = None) -> str:
+  """Scalars to TensorBoard (prefix eval/), `workdir/eval_<step>.json`, and the grid.
+
+  `extra`: entries for the JSON only (not scalars), e.g. the paths of the codebook plots.
+  """
   writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
   if grid is not None:
     write_images(writer, workdir, step, "eval_reconstructions", grid)
   path = os.path.join(workdir, f"eval_{step}.json")
   if jax.process_index() == 0:
-    write_json(path, {"step": step, **metrics, **({"notes": notes} if notes else {})})
+    write_json(path, {"step": step, **metrics, **(extra or {}),
+                      **({"notes": notes} if notes else {})})
   console(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in metrics.items()))
   return path

@@ -15,6 +15,7 @@ from vqjax.console import console
 from vqjax.core import checkpoint, partitioning, trees
 from vqjax.core.writers import image_grid, make_writer, write_images
 from vqjax.data.pipeline import train_dataset
+from vqjax.eval.codebook_plots import plot_paths, write_codebook_plots
 from vqjax.eval.evaluator import class_probabilities, evaluate_tokenizer, is_notes, write_eval
 from vqjax.eval.inception_features import InceptionExtractor
 from vqjax.losses.terms import Perceptual
@@ -45,9 +46,21 @@ class Setup:
   eval_step: Callable
   inception: InceptionExtractor | None
 
-  def evaluate(self, state) -> tuple[dict, object]:
+  def evaluate(self, state, return_counts: bool = False) -> tuple:
+    """(metrics, grid), plus the pass's code counts [K] with `return_counts`."""
     return evaluate_tokenizer(self.eval_step, state.params, state.vq_stats, self.lpips_params,
-                              self.config, self.mesh, self.inception)
+                              self.config, self.mesh, self.inception, return_counts)
+
+  def codebook(self, state) -> np.ndarray:
+    """The quantiser's codebook [K, d'] as its look-up uses it, on the host.
+
+    Read through the model with the state's vq_stats too: an EMA (or FQ) codebook lives
+    in that collection, and a loss-learned one adds its k-means/restart shift from it.
+    Every process runs this (the codebook may be sharded); the result is replicated.
+    """
+    read = jax.jit(lambda v: self.models.vqgan.apply(v, method=lambda m: m.quantizer.codebook()),
+                   out_shardings=partitioning.replicated(self.mesh))
+    return np.asarray(jax.device_get(read(tokenizer_variables(state))))
 
   @property
   def notes(self) -> list[str]:
@@ -159,9 +172,24 @@ def evaluate(config, workdir: str) -> dict:
   state, step = restore_for_eval(config, workdir, s)
   writer = make_writer(workdir, jax.process_index() == 0)
   start = time.time()
-  metrics, grid = s.evaluate(state)
+  metrics, grid, counts = s.evaluate(state, return_counts=True)
   metrics["seconds"] = round(time.time() - start, 2)
-  write_eval(writer, workdir, step, metrics, grid, notes=s.notes)
+  extra = {}
+  if config.eval.get("codebook_plots", False):
+    extra["codebook_plots"] = codebook_plots(s, state, counts, workdir, step)
+  write_eval(writer, workdir, step, metrics, grid, notes=s.notes, extra=extra)
   writer.flush()
   return metrics
+
+
+def codebook_plots(s: Setup, state, counts: np.ndarray, workdir: str, step: int
+                   ) -> dict[str, str]:
+  """`workdir/codebook_usage_<step>.png` and `codebook_pca_<step>.png` of the eval pass's
+  code counts and the restored codebook (written by the primary process); their paths."""
+  codebook = s.codebook(state)
+  if jax.process_index() != 0:
+    return plot_paths(workdir, step)
+  paths = write_codebook_plots(workdir, step, codebook, counts)
+  console(f"codebook plots: {paths['usage']}, {paths['pca']}")
+  return paths
 
