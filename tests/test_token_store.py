@@ -110,3 +110,36 @@ def test_data_errors_are_user_errors():
   assert issubclass(DataSetNotFoundError, UserError)
   assert issubclass(DataSetNotFoundError, FileNotFoundError)
   assert issubclass(TokenStoreError, UserError)
+
+
+def test_condition_maps_round_trip_resume_and_mismatch(tmp_path):
+  tokens, labels = _data(13, shape=(2, 2), k=50)
+  conditions = np.random.default_rng(1).integers(0, 151, (13, 2, 2))
+  w = TokenStoreWriter(str(tmp_path), (2, 2), 50, shard_size=5, condition_shape=(2, 2))
+  w.add(tokens[:11], labels[:11], conditions[:11])  # two shards; one example only in memory
+  with pytest.raises(TokenStoreError, match="condition maps of shape None"):
+    w.add(tokens[11:], labels[11:])  # a store with maps takes no batch without them
+  again = TokenStoreWriter(str(tmp_path), (2, 2), 50, shard_size=5, condition_shape=(2, 2))
+  assert again.num_done == 10
+  again.add(tokens[10:], labels[10:], conditions[10:])
+  again.finish()
+  store = TokenStore(str(tmp_path))
+  assert store.condition_shape == (2, 2) and store.max_condition() == conditions.max()
+  for i in range(13):
+    np.testing.assert_array_equal(store[i]["condition"], conditions[i])
+    np.testing.assert_array_equal(store[i]["tokens"], tokens[i])
+  # the same folder cannot be reopened without maps, or with maps of another shape
+  for shape in (None, (4, 4)):
+    with pytest.raises(TokenStoreError, match="condition_shape"):
+      TokenStoreWriter(str(tmp_path), (2, 2), 50, condition_shape=shape)
+  # a damaged condition shard is named
+  with open(tmp_path / store.meta["shards"][1]["conditions"], "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(TokenStoreError, match="conditions_00001.npy"):
+    TokenStore(str(tmp_path))
+  # a store without maps has no 'condition' key and no condition shape
+  plain = TokenStoreWriter(str(tmp_path / "plain"), (2, 2), 50)
+  plain.add(tokens, labels)
+  plain.finish()
+  assert TokenStore(str(tmp_path / "plain")).condition_shape is None
+  assert "condition" not in TokenStore(str(tmp_path / "plain"))[0]

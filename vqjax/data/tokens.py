@@ -4,6 +4,9 @@ Layout of a store folder:
   meta.json                   token shape, codebook size, shard list, `complete`
   tokens_00000.npy  [n, h, w] or [n, h, w, c] (int16 when K <= 32767, else int32)
   labels_00000.npy  [n] int32
+  conditions_00000.npy  [n, h', w'] int16/int32, only in stores with condition maps: the
+                    semantic ids of each example's label map on a grid (Reg-VQ's
+                    semantic image synthesis); meta.json says `condition_shape`
 Each shard is written to a temporary name and renamed, and `meta.json`
 (also replaced atomically) lists only finished shards. A killed writer
 therefore leaves a consistent store, and `TokenStoreWriter.num_done` says
@@ -43,22 +46,29 @@ def _dtype(codebook_size: int):
 
 
 class TokenStoreWriter:
-  """Appends (tokens, labels) batches; flushes every `shard_size` examples."""
+  """Appends (tokens, labels[, condition maps]) batches; flushes every `shard_size` examples.
+
+  `condition_shape` (h', w'), when given, makes every `add` take condition maps of that shape.
+  """
 
   def __init__(self, folder: str, token_shape: tuple[int, ...], codebook_size: int,
-               shard_size: int = 10_000, source: dict | None = None):
+               shard_size: int = 10_000, source: dict | None = None,
+               condition_shape: tuple[int, ...] | None = None):
     self.folder = folder
     os.makedirs(folder, exist_ok=True)
     self.meta_path = os.path.join(folder, "meta.json")
     meta = {"token_shape": list(token_shape), "codebook_size": int(codebook_size),
             "source": source or {}, "shards": [], "complete": False, "format": 1}
+    if condition_shape is not None:
+      meta["condition_shape"] = list(condition_shape)
     if os.path.exists(self.meta_path):
       with open(self.meta_path) as f:
         old = json.load(f)
-      for key in ("token_shape", "codebook_size", "source"):
-        if old.get(key) != meta[key]:
+      for key in ("token_shape", "codebook_size", "source", "condition_shape"):
+        if old.get(key) != meta.get(key):
           raise TokenStoreError(
-              f"{folder} already holds tokens with {key}={old.get(key)!r}, not {meta[key]!r}: "
+              f"{folder} already holds tokens with {key}={old.get(key)!r}, "
+              f"not {meta.get(key)!r}: "
               "use another token directory, or delete this one to start over")
       meta = old
     self.meta = meta
@@ -66,6 +76,7 @@ class TokenStoreWriter:
     self.dtype = _dtype(codebook_size)
     self._tokens: list[np.ndarray] = []
     self._labels: list[np.ndarray] = []
+    self._conditions: list[np.ndarray] = []
     self._buffered = 0
     _write_json(self.meta_path, self.meta)
 
@@ -78,11 +89,20 @@ class TokenStoreWriter:
   def complete(self) -> bool:
     return bool(self.meta["complete"])
 
-  def add(self, tokens: np.ndarray, labels: np.ndarray) -> None:
+  def add(self, tokens: np.ndarray, labels: np.ndarray,
+          conditions: np.ndarray | None = None) -> None:
     tokens = np.asarray(tokens)
     if tokens.shape[1:] != tuple(self.meta["token_shape"]):
       raise TokenStoreError(f"tokens of shape {tokens.shape[1:]}, store expects "
                             f"{tuple(self.meta['token_shape'])}")
+    shape = self.meta.get("condition_shape")
+    if (conditions is None) != (shape is None) or (
+        conditions is not None and np.shape(conditions)[1:] != tuple(shape)):
+      got = None if conditions is None else np.shape(conditions)[1:]
+      raise TokenStoreError(f"condition maps of shape {got}, store expects "
+                            f"{None if shape is None else tuple(shape)}")
+    if conditions is not None:
+      self._conditions.append(np.asarray(conditions).astype(np.int32))
     self._tokens.append(tokens.astype(self.dtype))
     self._labels.append(np.asarray(labels, np.int32))
     self._buffered += tokens.shape[0]
@@ -96,7 +116,13 @@ class TokenStoreWriter:
     names = (f"tokens_{index:05d}.npy", f"labels_{index:05d}.npy")
     _write_npy(os.path.join(self.folder, names[0]), tokens[:count])
     _write_npy(os.path.join(self.folder, names[1]), labels[:count])
-    self.meta["shards"].append({"tokens": names[0], "labels": names[1], "count": int(count)})
+    shard = {"tokens": names[0], "labels": names[1], "count": int(count)}
+    if self._conditions:
+      conditions = np.concatenate(self._conditions)
+      shard["conditions"] = f"conditions_{index:05d}.npy"
+      _write_npy(os.path.join(self.folder, shard["conditions"]), conditions[:count])
+      self._conditions = [conditions[count:]]
+    self.meta["shards"].append(shard)
     _write_json(self.meta_path, self.meta)
     self._tokens, self._labels = [tokens[count:]], [labels[count:]]
     self._buffered -= count
@@ -109,7 +135,8 @@ class TokenStoreWriter:
 
 
 class TokenStore:
-  """Random-access source over a finished store: record i -> {'tokens', 'label'}."""
+  """Random-access source over a finished store: record i -> {'tokens', 'label'} and, in a
+  store with condition maps, 'condition' [h', w'] int32."""
 
   def __init__(self, folder: str, require_complete: bool = True):
     meta_path = os.path.join(folder, "meta.json")
@@ -126,8 +153,16 @@ class TokenStore:
     for s in self.meta["shards"]:
       self._check_shard(s["tokens"], dtype, (s["count"], *self.token_shape))
       self._check_shard(s["labels"], np.int32, (s["count"],))
+      if self.condition_shape is not None:
+        if "conditions" not in s:
+          raise TokenStoreError(f"meta.json of {folder} lists a shard without condition maps "
+                                f"in a store that has them: {self.rebuild_hint()}")
+        self._check_shard(s["conditions"], np.int32, (s["count"], *self.condition_shape))
     self._tokens = [np.load(os.path.join(folder, s["tokens"]), mmap_mode="r")
                     for s in self.meta["shards"]]
+    self._conditions = ([np.load(os.path.join(folder, s["conditions"]), mmap_mode="r")
+                         for s in self.meta["shards"]]
+                        if self.condition_shape is not None else None)
     self._labels = [np.load(os.path.join(folder, s["labels"])) for s in self.meta["shards"]]
     self._starts = np.cumsum([0] + [s["count"] for s in self.meta["shards"]])
 
@@ -185,8 +220,18 @@ class TokenStore:
   def codebook_size(self) -> int:
     return int(self.meta["codebook_size"])
 
+  @property
+  def condition_shape(self) -> tuple[int, ...] | None:
+    """(h', w') of the stored condition maps, None in a store without them."""
+    shape = self.meta.get("condition_shape")
+    return None if shape is None else tuple(shape)
+
   def max_label(self) -> int:
     return max((int(x.max()) for x in self._labels if x.size), default=-1)
+
+  def max_condition(self) -> int:
+    """The largest stored condition id (-1 if there are none)."""
+    return max((int(np.max(x)) for x in self._conditions or () if x.size), default=-1)
 
   def __len__(self) -> int:
     return int(self._starts[-1])
@@ -196,5 +241,8 @@ class TokenStore:
       raise IndexError(index)
     shard = int(np.searchsorted(self._starts, index, side="right") - 1)
     row = index - int(self._starts[shard])
-    return {"tokens": np.asarray(self._tokens[shard][row], np.int32),
-            "label": self._labels[shard][row]}
+    record = {"tokens": np.asarray(self._tokens[shard][row], np.int32),
+              "label": self._labels[shard][row]}
+    if self._conditions is not None:
+      record["condition"] = np.asarray(self._conditions[shard][row], np.int32)
+    return record
