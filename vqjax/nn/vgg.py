@@ -1,9 +1,11 @@
-"""VGG16 (Simonyan & Zisserman 2015, torchvision's layout): features, classifier, LPIPS.
+"""VGG16 (Simonyan & Zisserman 2015, torchvision's layout): features, classifier, LPIPS; VGG19.
 
 `VGG16Features` gives the ReLU outputs of the 13 convolutions; `VGG16` adds
 the classifier (fc6-fc8 on a 7x7 adaptive average pool of pool5, as
 torchvision) for the `logit` feature of SeQ-GAN's semantic-enhanced
 perceptual loss (Sec. 3.3.2); `LPIPS` is Zhang et al. 2018's distance.
+`VGG19` (Keras' layout and preprocessing, `keras_vgg_preprocess`) gives the
+features of Reg-VQ's contrastive losses (Sec. 3.3).
 """
 
 from __future__ import annotations
@@ -147,3 +149,58 @@ class LPIPS(nn.Module):
       w = self.param(f"lin{i}", nn.initializers.ones, (d.shape[-1],))
       total = total + jnp.mean(d @ w, axis=(1, 2))
     return total
+
+
+# VGG19 (Keras' `vgg19` application, the original Caffe weights): features for Reg-VQ's
+# contrastive losses (`vqjax.losses.contrastive`).
+VGG19_BLOCKS = ((1, 2, 64), (2, 2, 128), (3, 4, 256), (4, 4, 512), (5, 4, 512))
+VGG19_LAYERS = tuple(f"relu{b}_{i}" for b, n, _ in VGG19_BLOCKS for i in range(1, n + 1))
+# Reg-VQ (Sec. 3.3) lists relu1_2, relu2_2, relu3_3, relu4_3, relu5_3, the last ReLU of each
+# block in VGG16's numbering; VGG19's blocks 3-5 have four convolutions, so their last ReLUs
+# are relu3_4, relu4_4, relu5_4 (relu3_3 etc. would be a layer inside the block).
+VGG19_BLOCK_ENDS = ("relu1_2", "relu2_2", "relu3_4", "relu4_4", "relu5_4")
+# Keras' 'caffe' preprocessing: the ImageNet mean pixel on the 0-255 scale, in BGR order.
+KERAS_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+def keras_vgg_preprocess(x: jax.Array) -> jax.Array:
+  """RGB images in [-1, 1] -> the input of Keras' VGG19 (`preprocess_input`, mode 'caffe'):
+  scaled to [0, 255], channels reversed to BGR, the BGR mean pixel subtracted."""
+  bgr = ((jnp.asarray(x) + 1.0) * 127.5)[..., ::-1]
+  return bgr - jnp.asarray(KERAS_BGR_MEAN, bgr.dtype)
+
+
+class VGG19(nn.Module):
+  """x [B, H, W, 3] (`keras_vgg_preprocess`ed) -> {layer: ReLU output} for each name of
+  `layers` (in VGG19_LAYERS).
+
+  Keras' VGG19 without its classifier: five blocks of 3x3 convolutions (zero
+  'same' padding, stride 1) each followed by a ReLU, with a 2x2 max pool of
+  stride 2 between blocks ('valid': an odd last row/column is dropped). The
+  convolutions are named `conv{block}_{i}` (Keras: `block{block}_conv{i}`).
+  Runs only as deep as the deepest layer asked, so only those convolutions
+  have parameters.
+  """
+
+  layers: Sequence[str] = VGG19_BLOCK_ENDS
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+    unknown = [name for name in self.layers if name not in VGG19_LAYERS]
+    if unknown or not self.layers:
+      raise ValueError(f"VGG19 layers {tuple(self.layers)}: choose a non-empty subset of "
+                       f"{VGG19_LAYERS}.")
+    last = max(self.layers, key=VGG19_LAYERS.index)
+    out = {}
+    for block, num_convs, width in VGG19_BLOCKS:
+      if block > 1:
+        x = max_pool_2x2(x)
+      for i in range(1, num_convs + 1):
+        x = nn.relu(nn.Conv(width, (3, 3), padding=1, name=f"conv{block}_{i}",
+                            conv_general_dilated=fast_conv.conv_general_dilated)(x))
+        name = f"relu{block}_{i}"
+        if name in self.layers:
+          out[name] = x
+        if name == last:
+          return out
+    return out

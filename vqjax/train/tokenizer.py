@@ -344,6 +344,12 @@ def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
       raise ConfigError(f"loss.terms.{label} has no 'name': choose one of "
                         f"{registry.LOSS_TERMS.names()}.")
     registry.LOSS_TERMS.check(term, where=f"loss.terms.{label}")
+    # A term that reads q.aux names the quantisers that give it (e.g. PCL: 'regvq').
+    able = getattr(registry.LOSS_TERMS.get(term.name), "QUANTIZERS", None)
+    if able and term.weight > 0 and m.quantizer.name not in able:
+      raise ConfigError(f"loss.terms.{label} ({term.name}) reads what the quantisers {able} "
+                        f"give, not model.quantizer.name={m.quantizer.name!r}: use one of "
+                        f"them, or set loss.terms.{label}.weight=0.")
   downsampling = getattr(registry.ENCODERS.get(m.encoder.name), "downsampling", None)
   factor = downsampling(m.encoder) if downsampling else 1
   if c.data.image_size % factor:
