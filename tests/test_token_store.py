@@ -116,7 +116,8 @@ def test_condition_maps_round_trip_resume_and_mismatch(tmp_path):
   tokens, labels = _data(13, shape=(2, 2), k=50)
   conditions = np.random.default_rng(1).integers(0, 151, (13, 2, 2))
   w = TokenStoreWriter(str(tmp_path), (2, 2), 50, shard_size=5, condition_shape=(2, 2))
-  w.add(tokens[:11], labels[:11], conditions[:11])  # two shards; one example only in memory
+  # two shards; one example only in memory (a Fortran-ordered batch, as label-map slicing gives)
+  w.add(tokens[:11], labels[:11], np.asfortranarray(conditions[:11]))
   with pytest.raises(TokenStoreError, match="condition maps of shape None"):
     w.add(tokens[11:], labels[11:])  # a store with maps takes no batch without them
   again = TokenStoreWriter(str(tmp_path), (2, 2), 50, shard_size=5, condition_shape=(2, 2))

@@ -102,7 +102,7 @@ class TokenStoreWriter:
       raise TokenStoreError(f"condition maps of shape {got}, store expects "
                             f"{None if shape is None else tuple(shape)}")
     if conditions is not None:
-      self._conditions.append(np.asarray(conditions).astype(np.int32))
+      self._conditions.append(np.ascontiguousarray(conditions, dtype=np.int32))
     self._tokens.append(tokens.astype(self.dtype))
     self._labels.append(np.asarray(labels, np.int32))
     self._buffered += tokens.shape[0]

@@ -36,10 +36,17 @@ NOT_CONFIG = ("model_config", "token_shape", "codebook_size", "conditions")
 class Conditions:
   """The condition prefix: `length` condition ids per example, each in 0..vocab.
 
+  `kind` says where a batch's prefix comes from (`from_batch`):
+
+    'class'          the class label, length 1 (vocab = model.num_classes)
+    'semantic_map'   the token store's condition map ([h', w'] semantic ids, row-major;
+                     length h' w'): Reg-VQ's semantic image synthesis, where the map's
+                     ids downsampled to the token grid are the condition tokens
+
   Condition ids c[b, l] (an objective offsets them into its model's input
   vocabulary; see its docstring):
 
-    0 .. vocab-1   conditions; a class label today (length 1, vocab = model.num_classes)
+    0 .. vocab-1   conditions (class labels or semantic ids)
     vocab          reserved "no condition" id: it replaces the whole prefix of an example
                    under condition dropout in training and in the unconditional branch of
                    classifier-free guidance (Ho & Salimans 2022)
@@ -48,6 +55,9 @@ class Conditions:
   """
   vocab: int = 0
   length: int = 0
+  kind: str = "class"
+
+  KINDS = ("class", "semantic_map")
 
   @property
   def conditional(self) -> bool:
@@ -65,6 +75,16 @@ class Conditions:
     if self.length != 1:
       raise ValueError(f"class labels are a prefix of length 1, not {self.length}")
     return labels[:, None]
+
+  def from_batch(self, batch):
+    """A batch's [B, L] condition ids: its 'condition' maps flattened row-major, or its labels."""
+    if self.kind == "semantic_map" and self.conditional:
+      cond = jnp.asarray(batch["condition"], jnp.int32)
+      cond = cond.reshape(cond.shape[0], -1)
+      if cond.shape[1] != self.length:
+        raise ValueError(f"condition maps of {cond.shape[1]} ids, the prefix has {self.length}")
+      return cond
+    return self.from_labels(batch["label"])
 
   def unconditional(self, cond):
     """The "no condition" prefix of the same [B, L] shape as `cond`."""

@@ -3,7 +3,8 @@
 The objective (`config.model.objective`, `vqjax.objectives`) builds the
 model and says how a batch becomes a loss, validation sums and samples:
 MaskGIT's masked tokens (Chang et al. 2022) or the GPT's next token (Esser
-et al. 2021). Conditions are a prefix of condition ids (a class label today,
+et al. 2021). Conditions are a prefix of condition ids (a class label, or a
+semantic map's ids on a grid with model.condition = 'semantic_map';
 `vqjax.objectives.base.Conditions`).
 
 Tokens come from a `vqjax.data.tokens` store through Grain; parameters are
@@ -55,7 +56,7 @@ def make_eval_step(objective: Objective):
   """Sums of token NLL (no smoothing), correct top-1 and counted tokens over a padded batch."""
   def eval_step(params, batch, rng):
     return objective.eval_sums(params, objective.flatten(batch["tokens"]),
-                               objective.conditions.from_labels(batch["label"]), batch["mask"],
+                               objective.conditions.from_batch(batch), batch["mask"],
                                rng)
 
   return eval_step
@@ -116,10 +117,7 @@ def setup(config, devices=None) -> Setup:
   devices = list(devices if devices is not None else jax.devices())
   validate_transformer_config(config, len(devices), jax.process_count())
   store = TokenStore(config.tokens.dir)
-  if config.model.num_classes and store.max_label() >= config.model.num_classes:
-    raise ConfigError(f"the token store has labels up to {store.max_label()}, but "
-                      f"model.num_classes={config.model.num_classes}: raise it, or set 0 for "
-                      "an unconditional model")
+  check_store_conditions(config, store)
   val_store = TokenStore(config.tokens.val_dir) if config.tokens.val_dir else None
   if val_store is not None and (val_store.token_shape, val_store.codebook_size) != (
       store.token_shape, store.codebook_size):
@@ -127,7 +125,8 @@ def setup(config, devices=None) -> Setup:
         f"tokens.val_dir holds {val_store.token_shape} tokens over {val_store.codebook_size} "
         f"codes, tokens.dir {store.token_shape} over {store.codebook_size}: extract both with "
         "the same tokenizer")
-  objective = build_objective(config, store.token_shape, store.codebook_size)
+  objective = build_objective(config, store.token_shape, store.codebook_size,
+                              store.condition_shape)
   tx = make_optimizer(config)
   mesh = partitioning.make_mesh(config, devices)
 
@@ -141,6 +140,27 @@ def setup(config, devices=None) -> Setup:
                       in_shardings=(shardings.params, batch_sh, rep), out_shardings=rep)
   return Setup(config, objective, mesh, state, shardings, train_step, eval_step, store,
                val_store)
+
+
+def check_store_conditions(config, store: TokenStore) -> None:
+  """ConfigError unless the store holds what model.condition and model.num_classes need."""
+  n, kind = config.model.num_classes, config.model.condition
+  if kind == "semantic_map":
+    if store.condition_shape is None:
+      raise ConfigError(
+          f"model.condition='semantic_map', but the token store {config.tokens.dir} has no "
+          "condition maps: extract it with a tokenizer recipe whose data has label maps "
+          "(data.label_maps, data.semantic_classes), or use model.condition='class'")
+    if not n:
+      raise ConfigError("model.condition='semantic_map' needs model.num_classes = the number "
+                        "of semantic ids (data.semantic_classes of the tokenizer)")
+    if store.max_condition() >= n:
+      raise ConfigError(f"the token store's condition maps have ids up to "
+                        f"{store.max_condition()}, but model.num_classes={n}: set it to the "
+                        "tokenizer's data.semantic_classes")
+  elif n and store.max_label() >= n:
+    raise ConfigError(f"the token store has labels up to {store.max_label()}, but "
+                      f"model.num_classes={n}: raise it, or set 0 for an unconditional model")
 
 
 @dataclass
@@ -193,12 +213,13 @@ def _sample_grid(s: Setup) -> Callable | None:
   if not (config.tokenizer.config and config.tokenizer.workdir):
     console("sample grids off: config.tokenizer.config/workdir are not set")
     return None
-  tok, _, variables = generate.restore_tokenizer(config)
+  tok, tok_config, variables = generate.restore_tokenizer(config)
   sampler = generate.ImageSampler(s.objective, config.sample, tok, variables)
   n = config.eval.grid_images
 
   def draw(params):
-    (images, _, _, _), = sampler.batches(nn.unbox(params), n, n, config.seed)
+    conditions = generate.sample_conditions(s.objective, s.store, tok_config, n)
+    (images, _, _, _), = sampler.batches(nn.unbox(params), n, n, config.seed, conditions)
     return square_grid(to_uint8(images))
 
   return draw
@@ -256,10 +277,14 @@ def evaluate(config, workdir: str) -> dict:
   reference = reference_stats(ref_config, inception, ref_config.data.val_split)
   sampler = generate.ImageSampler(m.setup.objective, config.sample, m.tok, m.variables)
   n, bs = config.eval.num_samples, config.sample.batch_size
+  conditions = generate.sample_conditions(m.setup.objective, m.setup.store, m.tok_config, bs)
   # The images --mode=sample writes (same seed and batches), scored as the uint8 files are.
+  # Under semantic maps these are FID[G] of Reg-VQ's Table 1: samples for the validation
+  # maps against the validation images.
   batches = ({"image": to_model_range(to_uint8(images)),
               "mask": (np.arange(bs) < valid).astype(np.float32)}
-             for images, _, _, valid in sampler.batches(m.params, n, bs, config.seed))
+             for images, _, _, valid in sampler.batches(m.params, n, bs, config.seed,
+                                                        conditions))
   start = time.time()
   metrics = sample_metrics(batches, reference, config, inception, total=n)
   metrics.update(m.setup.validate(m.state.params))
@@ -283,7 +308,8 @@ TRANSFORMER_RULES = {
                "choice_temperature": ">=0", "temperature": ">0", "top_k": ">=0",
                "top_p": "(0,1]", "guidance_scale": ">=0"},
     "model": {"width": ">=1", "depth": ">=1", "heads": ">=1", "mlp_dim": ">=1",
-              "dropout": "[0,1)", "num_classes": ">=0", "cond_dropout": "[0,1]"},
+              "dropout": "[0,1)", "num_classes": ">=0", "cond_dropout": "[0,1]",
+              "condition": ("class", "semantic_map")},
     "model.objective": {"label_smoothing": "[0,1)"},
     "optim": {"lr": ">0", "warmup_steps": ">=0", "weight_decay": ">=0", "b1": "[0,1)",
               "b2": "[0,1)", "grad_clip": ">0"},

@@ -13,6 +13,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vqjax import registry
@@ -28,17 +29,25 @@ class TransformerState:
   rng: jax.Array
 
 
-def conditions_of(config) -> Conditions:
-  """The condition prefix: the class label (length 1) with model.num_classes > 0, else none."""
-  n = config.model.num_classes
-  return Conditions(vocab=n, length=1 if n else 0)
+def conditions_of(config, condition_shape: tuple[int, ...] | None = None) -> Conditions:
+  """The condition prefix (model.num_classes > 0, else none): the class label (length 1), or
+  with model.condition = 'semantic_map' the token store's condition maps of `condition_shape`
+  (length h' w')."""
+  n, kind = config.model.num_classes, config.model.condition
+  if kind == "semantic_map" and n:
+    if condition_shape is None:
+      raise ValueError("model.condition='semantic_map' needs the store's condition_shape")
+    return Conditions(vocab=n, length=int(np.prod(condition_shape)), kind=kind)
+  return Conditions(vocab=n, length=1 if n else 0, kind=kind)
 
 
-def build_objective(config, token_shape: tuple[int, ...], codebook_size: int) -> Objective:
-  """`config.model.objective` for token maps of `token_shape` over `codebook_size` codes."""
+def build_objective(config, token_shape: tuple[int, ...], codebook_size: int,
+                    condition_shape: tuple[int, ...] | None = None) -> Objective:
+  """`config.model.objective` for token maps of `token_shape` over `codebook_size` codes
+  (and condition maps of `condition_shape` with model.condition = 'semantic_map')."""
   return registry.OBJECTIVES.build(config.model.objective, model_config=config.model,
                                    token_shape=tuple(token_shape), codebook_size=codebook_size,
-                                   conditions=conditions_of(config))
+                                   conditions=conditions_of(config, condition_shape))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -71,7 +80,7 @@ def make_train_step(objective: Objective, tx):
   def train_step(state: TransformerState, batch) -> tuple[TransformerState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     tokens = objective.flatten(batch["tokens"])
-    cond = objective.conditions.from_labels(batch["label"])
+    cond = objective.conditions.from_batch(batch)
     (loss, acc), grads = jax.value_and_grad(objective.loss, has_aux=True)(
         state.params, tokens, cond, rng, True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -23,7 +23,7 @@ from vqjax.data.pipeline import eval_batches
 from vqjax.errors import ConfigError
 from vqjax.sampling.visualize import teacher_forced_top1
 from vqjax.train import transformer
-from vqjax.train.generate import decode_tokens
+from vqjax.train.generate import batch_conditions, decode_tokens
 
 
 def visualize(config, workdir: str, num_images: int = 8) -> dict:
@@ -45,7 +45,7 @@ def visualize(config, workdir: str, num_images: int = 8) -> dict:
     raise ConfigError(f"the tokenizer gives tokens {tokens.shape[1:]}, the GPT was trained on "
                       f"{store.token_shape}: use the tokenizer that made config.tokens.dir")
   flat = objective.flatten(tokens)
-  cond = objective.conditions.from_labels(batch["label"][:n])
+  cond = batch_conditions(objective, batch, store.condition_shape, n)
   pred, acc = teacher_forced_top1(lambda t, c: objective.logits(params, t, c), flat, cond)
   decode = lambda t: np.asarray(decode_tokens(tok, variables, objective.unflatten(t)))
   grid = image_grid([images, decode(flat), decode(pred)], max_rows=n)
