@@ -77,7 +77,8 @@ def test_discriminator_contract(name):
   disc = registry.DISCRIMINATORS.build(cfg)
   variables = disc.init(KEY, X, train=False)
   logits, extra = disc.apply(variables, X, train=True)  # statistics immutable: no error
-  assert logits.shape[0] == 2 and logits.ndim == 4 and isinstance(extra, dict)
+  # a patch map [B, h, w, 1] (PatchGAN) or one logit per image [B] (BigGAN)
+  assert logits.shape[0] == 2 and logits.ndim in (1, 4) and isinstance(extra, dict)
   assert all(np.shape(v) == () for v in extra.values())
   if "disc_stats" in variables:
     _, mutated = disc.apply(variables, X, train=True, mutable=["disc_stats"])

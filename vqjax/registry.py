@@ -182,9 +182,10 @@ ENCODERS = Registry("encoder", "model.encoder", _NN)
 QUANTIZERS = Registry("quantizer", "model.quantizer", _NN)
 DECODERS = Registry("decoder", "model.decoder", _NN)
 DISCRIMINATORS = Registry("discriminator", "disc", _NN)
+GENERATORS = Registry("generator", "model.generator", _NN)  # GANs without an encoder
 LOSS_TERMS = Registry("loss term", "loss.terms", ("vqjax.losses",))
 GAN_LOSSES = Registry("GAN loss", "loss.gan", ("vqjax.losses",))
 OBJECTIVES = Registry("transformer objective", "model.objective", ("vqjax.objectives",))
 
-ALL = {r.kind: r for r in (ENCODERS, QUANTIZERS, DECODERS, DISCRIMINATORS, LOSS_TERMS,
-                          GAN_LOSSES, OBJECTIVES)}
+ALL = {r.kind: r for r in (ENCODERS, QUANTIZERS, DECODERS, DISCRIMINATORS, GENERATORS,
+                          LOSS_TERMS, GAN_LOSSES, OBJECTIVES)}

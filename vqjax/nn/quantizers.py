@@ -333,7 +333,7 @@ class RegVQQuantizer(nn.Module):
     return vq.lookup(indices, self.codebook_param)
 
 
-@registry.QUANTIZERS.register("fq")
+@registry.QUANTIZERS.register("fq", not_config=("collection",))
 class FeatureQuantizer(nn.Module):
   """FQ-GAN (3.1-3.2): nearest-neighbour look-up of features h [..., C] in a
   dictionary E [K, C] that follows the momentum update of Eq. 8 (decay
@@ -341,7 +341,9 @@ class FeatureQuantizer(nn.Module):
 
   propagate=True passes the quantised features on (Eq. 6, the paper);
   False returns h unchanged and only adds the loss (the released code).
-  The dictionary starts N(0, 1) and its counts at 0.
+  The dictionary starts N(0, 1) and its counts at 0. Its statistics live in
+  `collection` ('vq_stats' in a tokenizer; a discriminator's FQ layers pass
+  'disc_stats', `vqjax.nn.discriminators`); it is not a config field.
   """
 
   codebook_size: int = 1024
@@ -349,16 +351,17 @@ class FeatureQuantizer(nn.Module):
   beta: float = 0.25
   decay: float = 0.9
   propagate: bool = True
+  collection: str = "vq_stats"
 
   def setup(self):
     shape = (self.codebook_size, self.embed_dim)
     self.dictionary = self.variable(
-        "vq_stats", "dictionary",
+        self.collection, "dictionary",
         named(lambda: jax.random.normal(self.make_rng("params"), shape), CODEBOOK_AXES))
-    self.embed_sum = self.variable("vq_stats", "embed_sum", named(jnp.zeros, CODEBOOK_AXES),
-                                   shape)
-    self.cluster_size = self.variable("vq_stats", "cluster_size", named(jnp.zeros, CODE_AXES),
-                                      (self.codebook_size,))
+    self.embed_sum = self.variable(self.collection, "embed_sum",
+                                   named(jnp.zeros, CODEBOOK_AXES), shape)
+    self.cluster_size = self.variable(self.collection, "cluster_size",
+                                      named(jnp.zeros, CODE_AXES), (self.codebook_size,))
 
   def codebook(self) -> jax.Array:
     return self.dictionary.value
@@ -372,7 +375,7 @@ class FeatureQuantizer(nn.Module):
     losses = {"commitment": self.beta * jnp.mean(jnp.square(h - sg(e)))}
     error = jnp.mean(jnp.sum(jnp.square(h - e), axis=-1))
     metrics = _usage_metrics(vq.code_histogram(indices, self.codebook_size), error)
-    if train and self.is_mutable_collection("vq_stats") and not self.is_initializing():
+    if train and self.is_mutable_collection(self.collection) and not self.is_initializing():
       onehot = jax.nn.one_hot(indices.reshape(-1), self.codebook_size, dtype=jnp.float32)
       flat = sg(h.reshape(-1, h.shape[-1]))
       self.cluster_size.value, self.embed_sum.value, self.dictionary.value = (
