@@ -10,6 +10,7 @@ from tests.conftest import ROOT
 
 # Notebooks that read a trained pipeline run have their own test beside the run they share.
 ON_SHARED_RUNS = {"seqgan_visualization.ipynb": "tests/test_seqgan.py",
+                  "fqgan_dictionary.ipynb": "tests/test_gan.py",
                   "movq_tokens.ipynb": "tests/test_movq.py"}
 NOTEBOOKS = sorted(path for path in glob.glob(os.path.join(ROOT, "colabs", "*.ipynb"))
                    if os.path.basename(path) not in ON_SHARED_RUNS)

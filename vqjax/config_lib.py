@@ -17,6 +17,7 @@ import ml_collections
 from vqjax import registry
 from vqjax.core.config_files import load_config_file, recipe_module
 from vqjax.core.partitioning import DEFAULT_LOGICAL_RULES
+from vqjax.data.sources import EMBEDDED_IMAGES
 from vqjax.errors import ConfigError
 from vqjax.eval.settings import add_fid_settings
 from vqjax.losses.terms import terms_config
@@ -340,3 +341,110 @@ def transformer_smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.
   c.eval.num_samples = 8
   c.eval.reference_examples = 16
   return c
+
+
+def gan_config(generator: str = "biggan32", discriminator: str = "biggan32",
+               num_classes: int = 10) -> ml_collections.ConfigDict:
+  """A class-conditional GAN recipe (no encoder; `trainer='gan'`, vqjax/train/gan.py) with
+  BigGAN-PyTorch's CIFAR settings: hinge loss, Adam (0, 0.999) at 2e-4 for G and D, 4 D
+  steps per G step, batch 64, an EMA copy of G (decay 0.9999 from step 1000)."""
+  base = tokenizer_config()
+  c = ml_collections.ConfigDict()
+  c.trainer = "gan"
+  c.seed = 0
+  c.mesh = base.mesh
+  c.data = base.data
+  c.data.source = "tfds"
+  c.data.name = "cifar10"
+  c.data.val_split = "test"
+  c.data.image_size = 32
+  c.data.resize_shorter = 32
+  c.data.random_flip = False  # BigGAN-PyTorch trains CIFAR without augmentation
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_classes = num_classes  # 0 = unconditional; G and D get the same number
+  c.model.generator = registry.GENERATORS.config(generator, num_classes=num_classes)
+  c.disc = registry.DISCRIMINATORS.config(discriminator, num_classes=num_classes)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.gan = registry.GAN_LOSSES.config("hinge")
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.g_lr = 2e-4
+  c.optim.d_lr = 2e-4
+  c.optim.b1 = 0.0
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.9999
+  c.ema.start = 1000  # G steps before which the EMA copy equals G
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100_000  # generator steps
+  # > 0: train.steps = ceil(epochs x train-split size / (batch_size x n_critic)), as
+  # BigGAN-PyTorch counts an epoch (each G step reads n_critic real batches).
+  c.train.epochs = 0.0
+  c.train.batch_size = 64
+  c.train.n_critic = 4  # discriminator steps (each on its own real batch) per G step
+  c.train.log_every = 100
+  c.train.image_every = 2000
+  c.train.checkpoint_every = 2000
+  c.train.keep_checkpoints = 3
+  c.train.max_consecutive_nonfinite = 10
+  c.train.divergence_factor = 0.0  # off: hinge losses cross zero
+  c.train.divergence_steps = 20
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 5000  # 0 = only at the last step
+  c.eval.at_start = False
+  c.eval.checkpoint_step = -1  # --mode=eval: -1 = latest
+  c.eval.batch_size = 500  # generator batch for the samples
+  c.eval.num_samples = 50_000  # EMA-G samples scored (FID, IS)
+  c.eval.reference_split = "train"  # the paper scores against the training split
+  c.eval.reference_examples = 0  # 0 = the whole split
+  c.eval.max_examples = 0  # the reference pass's examples (set from reference_examples)
+  c.eval.fid = True
+  add_fid_settings(c.eval)
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_images = 10_000  # --mode=sample, saved in samples_<step>.npz
+  c.sample.batch_size = 500
+  c.sample.grid_classes = 10  # rows of the class-by-sample grid
+  c.sample.grid_per_class = 10  # columns
+  # 'batch': BatchNorm in G uses each generated batch's statistics, as BigGAN-PyTorch samples
+  # by default (G_eval_mode off); 'running': G's running averages.
+  c.sample.bn_stats = "batch"
+  return c
+
+
+def gan_smoke_overrides(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few CPU steps on the embedded set at 32px, the classes being the source images."""
+  c.data.source = "embedded"
+  c.data.val_split = "validation"
+  c.data.resize_shorter = 64
+  c.data.crops_per_image = 16
+  c.data.eval_crops_per_image = 8
+  c.data.eval_random_crop = True
+  c.data.random_flip = True
+  classes = len(EMBEDDED_IMAGES)  # its labels: one class per scikit-image sample image
+  c.model.num_classes = classes
+  c.model.generator.num_classes = c.disc.num_classes = classes
+  c.model.generator.ch = c.disc.ch = 8
+  c.ema.start = 2
+  c.train.steps = 4
+  c.train.batch_size = 8
+  c.train.n_critic = 2
+  c.train.log_every = 2
+  c.train.image_every = 4
+  c.train.checkpoint_every = 2
+  c.eval.every_steps = 4
+  c.eval.batch_size = 40
+  c.eval.num_samples = 200
+  c.eval.reference_examples = 0
+  c.sample.num_images = 24
+  c.sample.batch_size = 24
+  c.sample.grid_classes = 4
+  c.sample.grid_per_class = 6
+  return c
+

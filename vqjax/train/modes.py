@@ -36,6 +36,9 @@ RUNNERS: dict[tuple[str, str], Callable] = {
     ("transformer", "eval"): _runner("vqjax.train.transformer", "evaluate", False),
     ("transformer", "sample"): _runner("vqjax.train.sample", "sample", False),
     ("transformer", "visualize"): _runner("vqjax.train.visualize", "visualize", False),
+    ("gan", "train"): _runner("vqjax.train.gan", "train", True),
+    ("gan", "eval"): _runner("vqjax.train.gan", "evaluate", False),
+    ("gan", "sample"): _runner("vqjax.train.gan", "sample", False),
     ("pipeline", "train"): _runner("vqjax.train.pipeline", "run_pipeline", True),
 }
 TRAINERS = tuple(dict.fromkeys(trainer for trainer, _ in RUNNERS))
@@ -105,6 +108,14 @@ def check_inputs(config, workdir: str, mode: str) -> None:
     from vqjax.data.sources import check_data_exists
 
     check_data_exists(config.data, _TOKENIZER_SPLITS[mode](config))
+  if config.trainer == "gan":
+    from vqjax.data.sources import check_data_exists
+    from vqjax.train.gan import check_data_classes
+
+    splits = (config.data.train_split,) + (
+        (config.eval.reference_split,) if mode != "sample" and config.eval.fid else ())
+    check_data_exists(config.data, tuple(dict.fromkeys(splits)))
+    check_data_classes(config)
   check_workdir(workdir)
   if mode != "train" and config.trainer != "pipeline":  # these modes restore a trained run
     from vqjax.train.generate import require_checkpoints
@@ -148,7 +159,7 @@ def resolve_epochs(config) -> None:
   epochs = config.train.get("epochs", 0)
   if not epochs:
     return
-  if config.trainer == "tokenizer":
+  if config.trainer in ("tokenizer", "gan"):
     from vqjax.data.sources import build_source
 
     num_examples, what = len(build_source(config.data, config.data.train_split)), "examples"
@@ -156,7 +167,9 @@ def resolve_epochs(config) -> None:
     from vqjax.data.tokens import TokenStore
 
     num_examples, what = len(TokenStore(config.tokens.dir)), "token maps"
-  config.train.steps = epochs_to_steps(epochs, num_examples, config.train.batch_size)
+  # A GAN step reads n_critic real batches (BigGAN-PyTorch's epoch of G steps).
+  per_step = config.train.batch_size * config.train.get("n_critic", 1)
+  config.train.steps = epochs_to_steps(epochs, num_examples, per_step)
   from vqjax.console import console
 
   console(f"train.epochs={epochs} over {num_examples:,} {what} at batch "
@@ -174,3 +187,7 @@ def validate_config(config, num_devices: int, process_count: int = 1) -> None:
     from vqjax.train.transformer import validate_transformer_config
 
     validate_transformer_config(config, num_devices, process_count)
+  elif config.trainer == "gan":
+    from vqjax.train.gan import validate_gan_config
+
+    validate_gan_config(config, num_devices, process_count)
