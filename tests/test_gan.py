@@ -18,7 +18,8 @@ from PIL import Image
 from tests.conftest import ROOT, load_config
 from tests.test_bad_inputs import run_table
 
-pytestmark = pytest.mark.xdist_group("gan_smoke")
+# The tests that share the smoke run stay on one xdist worker.
+SHARED = pytest.mark.xdist_group("gan_smoke")
 SMOKE = "configs/fqgan_cifar10.py:smoke"
 
 
@@ -46,6 +47,7 @@ def gan_run(tmp_path_factory):
   return workdir
 
 
+@SHARED
 def test_smoke_run_scores_samples_and_writes_a_class_grid(gan_run):
   config = load_config(SMOKE)
   with open(os.path.join(gan_run, "eval_4.json")) as f:
@@ -210,6 +212,7 @@ def test_history_summary_by_hand(tmp_path):
   assert proc.returncode == 0 and len(lines) == 3 and lines[2]["summary"]["runs"] == 2
 
 
+@SHARED
 def test_dictionary_colab_runs_on_the_smoke_run(gan_run, monkeypatch):
   nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]'")
   nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]'")

@@ -13,7 +13,8 @@ from PIL import Image
 from tests.conftest import ROOT, load_config
 from tests.test_bad_inputs import run_table
 
-pytestmark = pytest.mark.xdist_group("regvq_smoke")
+# The tests that share the smoke run stay on one xdist worker.
+SHARED = pytest.mark.xdist_group("regvq_smoke")
 STAGES = ["tokenizer", "tokens_train", "tokens_val", "ar", "ar_samples", "ar_eval",
           "reconstruction"]
 
@@ -55,6 +56,7 @@ def _centre_pixels(label_map, grid):
   return out
 
 
+@SHARED
 def test_smoke_pipeline_stores_conditions_and_reports_table_1(smoke_run):
   from vqjax.data.pipeline import eval_batches
   from vqjax.data.tokens import TokenStore
@@ -155,6 +157,7 @@ def test_recipes_and_rows():
   assert on == {"baseline": (), "prior": (), "mask": (), "cl": ("cl",), "pcl": ("pcl",)}
 
 
+@SHARED
 def test_bad_inputs(smoke_run, tmp_path):
   tokens = os.path.join(smoke_run, "tokenizer", "tokens_train")
   plain = str(tmp_path / "plain")

@@ -66,9 +66,13 @@ def _check_rfid(config, workdir, report, again):
   np.testing.assert_allclose(again["rfid"], report["rfid"], rtol=1e-6)
 
 
-def test_killed_run_resumes_exactly(tmp_path, smoke_config):
+@pytest.mark.parametrize("fq_layers", [(), (0, 2)], ids=["patchgan", "patchgan_fq"])
+def test_killed_run_resumes_exactly(tmp_path, smoke_config, fq_layers):
+  """Also with FQ-GAN's dictionaries in the PatchGAN (disc.fq_layers): they are trained by
+  the discriminator steps and restored bitwise."""
   c = smoke_config
   with c.unlocked():
+    c.disc.fq_layers = fq_layers
     c.train.steps = 6
     c.train.checkpoint_every = 100  # only the save on stop
     c.train.image_every = 100
@@ -86,6 +90,11 @@ def test_killed_run_resumes_exactly(tmp_path, smoke_config):
   leaves = [jax.tree.leaves(jax.device_get(s)) for s in (straight, resumed)]
   for a, b in zip(*leaves, strict=True):
     np.testing.assert_array_equal(a, b)
+  fresh = setup(c).state.disc_stats
+  assert sorted(k for k in resumed.disc_stats if k.startswith("fq_")) == [
+      f"fq_{i}" for i in fq_layers]
+  for name in (f"fq_{i}" for i in fq_layers):  # the EMA dictionaries moved during training
+    assert not np.allclose(resumed.disc_stats[name]["dictionary"], fresh[name]["dictionary"])
 
 
 def test_nonfinite_batch_skips_the_update(smoke_config):
