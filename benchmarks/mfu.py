@@ -8,7 +8,7 @@ For each step kind:
   tokenizer    the tokenizer train step (GAN branch on) of `--tokenizer_config`
   transformer  the transformer train step of `--transformer_config` on random tokens
   sampling     GPT sampling with the KV cache (`--sampling_*` sizes)
-  gan          the GAN trainer's step: not in vqjax yet (the FQ-GAN issue); its line says so
+  gan          the GAN trainer's step (n_critic D updates and one G update) of `--gan_config`
 the line gives the model FLOPs per call, calls/s and `fraction_of_peak` = achieved FLOP/s
 divided by the device's peak.
 
@@ -51,6 +51,8 @@ _CACHE_BLOCKS = flags.DEFINE_integer(
     "cache_blocks", 4, "scans the AR sampler splits its steps into (1: one scan attending "
     "over the whole cache under a mask, as before the blocks)")
 _SAMPLE_BATCH = flags.DEFINE_integer("sampling_batch", 8, "images per sampling call")
+_GAN_CONFIG = flags.DEFINE_string("gan_config", "configs/fqgan_cifar10.py", "recipe[:variant]")
+_GAN_BATCH = flags.DEFINE_integer("gan_batch", 16, "batch of each D and G update")
 _ITERS = flags.DEFINE_integer("iters", 5, "timed calls after two untimed ones")
 _PEAK_N = flags.DEFINE_integer("peak_matmul", 2048, "side of the peak-measuring matmul")
 _LOSS_WEIGHTS = flags.DEFINE_enum(
@@ -259,27 +261,52 @@ def sampling_case() -> dict:
           "seconds_per_call": time_calls(lambda: run(params, key), max(_ITERS.value // 2, 1))}
 
 
+def gan_case() -> dict:
+  import numpy as np
+
+  from vqjax.core import partitioning
+  from vqjax.train import gan
+
+  config = load_config(_GAN_CONFIG.value)
+  with config.unlocked():
+    config.train.batch_size = _GAN_BATCH.value
+  s = gan.setup(config)
+  b, k = _GAN_BATCH.value, config.train.n_critic
+  gen = np.random.default_rng(0)
+  size = config.data.image_size
+  batch = partitioning.shard_batch(
+      {"image": gen.uniform(-1, 1, (k * b, size, size, 3)).astype(np.float32),
+       "label": gen.integers(0, max(config.model.num_classes, 1), (k * b,)).astype(np.int32)},
+      s.mesh)
+  flops, counted = program_flops(s.train_step, s.state, batch)
+  box = {"state": s.state}
+
+  def call():
+    box["state"], metrics = s.train_step(box["state"], batch)
+    return metrics
+
+  return {"config": _GAN_CONFIG.value, "batch_size": b, "n_critic": k,
+          "fq_layers": list(config.disc.fq_layers), "flops_per_call": flops,
+          "flops_counted_from": counted, "seconds_per_call": time_calls(call, _ITERS.value)}
+
+
 CASES = {"tokenizer": tokenizer_case, "transformer": transformer_case,
-         "sampling": sampling_case}
+         "sampling": sampling_case, "gan": gan_case}
 
 
 def main(argv):
   del argv
   import jax
 
-  unknown = set(_STEPS.value) - set(CASES) - {"gan"}
+  unknown = set(_STEPS.value) - set(CASES)
   if unknown:
-    raise app.UsageError(f"unknown step kinds {sorted(unknown)}: use {sorted(CASES)} or gan")
+    raise app.UsageError(f"unknown step kinds {sorted(unknown)}: use {sorted(CASES)}")
   jax.config.update("jax_default_matmul_precision", _PRECISION.value)
   peak = device_peak()
   common = {"benchmark": "mfu", "platform": jax.devices()[0].platform,
             "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
             "matmul_precision": _PRECISION.value}
   for kind in _STEPS.value:
-    if kind == "gan":
-      print(json.dumps({**common, "step": "gan", "fraction_of_peak": None,
-                        "note": "no GAN trainer in vqjax yet (the FQ-GAN issue adds it)"}))
-      continue
     r = CASES[kind]()
     flops, seconds = r.pop("flops_per_call"), r.pop("seconds_per_call")
     achieved = flops / seconds / jax.device_count()

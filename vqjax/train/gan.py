@@ -197,11 +197,17 @@ def make_train_step(models: GANModels, config):
       return (optax.apply_updates(d_params, updates), opt_state, stats, g_stats,
               finite), metrics
 
+    # A Python loop rather than lax.scan: XLA's cost analysis (benchmarks/mfu.py) counts a
+    # scan's body once, and n_critic is small.
     d_keys = jax.random.split(jax.random.fold_in(key, 0), k)
     carry = (state.d_params, state.d_opt_state, state.d_stats, state.g_stats,
              jnp.asarray(True))
-    (d_params, d_opt_state, d_stats, g_stats, finite), d_metrics = jax.lax.scan(
-        d_update, carry, (x, y, d_keys))
+    per_step = []
+    for i in range(k):
+      carry, metrics_i = d_update(carry, (x[i], y[i], d_keys[i]))
+      per_step.append(metrics_i)
+    d_params, d_opt_state, d_stats, g_stats, finite = carry
+    d_metrics = jax.tree.map(lambda *v: jnp.stack(v), *per_step)
 
     z, y_fake = noise(jax.random.fold_in(key, 1))
 
