@@ -39,3 +39,35 @@ def folder_config(config, folder):
     config.eval.batch_size = 4
     config.eval.max_examples = 0
   return config
+
+
+def in_repository(function, *args):
+  """Call `function` from the repository root (recipes name recipes by relative paths)."""
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    return function(*args)
+  finally:
+    os.chdir(cwd)
+
+
+def run_notebook(name: str, monkeypatch, workdir: str | None = None) -> str:
+  """Execute colabs/`name` top to bottom (nbclient, from the repository root) with
+  VQJAX_WORKDIR=`workdir` (unset: the notebook trains its own smoke run, under this test's
+  TMPDIR when the caller set one); assert no cell failed; returns the cells' printed text."""
+  nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]'")
+  nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]'")
+  pytest.importorskip("ipykernel", reason="pip install -e '.[dev]'")
+  if workdir is None:
+    monkeypatch.delenv("VQJAX_WORKDIR", raising=False)
+  else:
+    monkeypatch.setenv("VQJAX_WORKDIR", workdir)
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  notebook = nbformat.read(os.path.join(ROOT, "colabs", name), as_version=4)
+  # kernel_name 'python3' is ipykernel's own spec, which runs this interpreter (the venv's).
+  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": ROOT}})
+  client.execute()
+  outputs = [out for cell in notebook.cells for out in cell.get("outputs", [])]
+  assert not [out for out in outputs if out.get("output_type") == "error"]
+  return "".join(out.get("text", "") for out in outputs)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_notebook
 
 # Notebooks that read a trained pipeline run have their own test beside the run they share.
 ON_SHARED_RUNS = {"seqgan_visualization.ipynb": "tests/test_seqgan.py",
@@ -18,17 +18,5 @@ NOTEBOOKS = sorted(path for path in glob.glob(os.path.join(ROOT, "colabs", "*.ip
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, monkeypatch):
-  nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]'")
-  nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]'")
-  pytest.importorskip("ipykernel", reason="pip install -e '.[dev]'")
-  monkeypatch.delenv("VQJAX_WORKDIR", raising=False)
   monkeypatch.setenv("TMPDIR", str(tmp_path))  # the smoke run's directory goes here
-  monkeypatch.setenv("MPLBACKEND", "Agg")
-  notebook = nbformat.read(path, as_version=4)
-  # kernel_name 'python3' is ipykernel's own spec, which runs this interpreter (the venv's).
-  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                   resources={"metadata": {"path": ROOT}})
-  client.execute()
-  errors = [out for cell in notebook.cells for out in cell.get("outputs", [])
-            if out.get("output_type") == "error"]
-  assert not errors
+  run_notebook(os.path.basename(path), monkeypatch)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT, in_repository, load_config, run_notebook
 from tests.test_bad_inputs import run_table
 
 # The tests that share the smoke run stay on one xdist worker.
@@ -23,13 +23,6 @@ SHARED = pytest.mark.xdist_group("gan_smoke")
 SMOKE = "configs/fqgan_cifar10.py:smoke"
 
 
-def in_repository(function, *args):
-  cwd = os.getcwd()
-  os.chdir(ROOT)
-  try:
-    return function(*args)
-  finally:
-    os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
@@ -214,18 +207,7 @@ def test_history_summary_by_hand(tmp_path):
 
 @SHARED
 def test_dictionary_colab_runs_on_the_smoke_run(gan_run, monkeypatch):
-  nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]'")
-  nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]'")
-  pytest.importorskip("ipykernel", reason="pip install -e '.[dev]'")
-  monkeypatch.setenv("VQJAX_WORKDIR", gan_run)
-  monkeypatch.setenv("MPLBACKEND", "Agg")
-  notebook = nbformat.read(os.path.join(ROOT, "colabs", "fqgan_dictionary.ipynb"), as_version=4)
-  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                   resources={"metadata": {"path": ROOT}})
-  client.execute()
-  outputs = [out for cell in notebook.cells for out in cell.get("outputs", [])]
-  assert not [out for out in outputs if out.get("output_type") == "error"]
-  text = "".join(out.get("text", "") for out in outputs)
+  text = run_notebook("fqgan_dictionary.ipynb", monkeypatch, gan_run)
   assert "class grid (128, 192, 3)" in text
   assert "fq/3/usage:" in text and "of the dictionary used at step 4" in text
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, load_config
+from tests.conftest import in_repository, load_config, run_notebook
 from tests.test_bad_inputs import run_table
 
 pytestmark = pytest.mark.xdist_group("movq_smoke")
@@ -18,14 +18,6 @@ STAGES = ["tokenizer", "tokens_train", "tokens_val", "mask", "mask_samples", "ma
           "reconstruction"]
 
 
-def in_repository(function, *args):
-  """Call `function` from the repository root (recipes name recipes by relative paths)."""
-  cwd = os.getcwd()
-  os.chdir(ROOT)
-  try:
-    return function(*args)
-  finally:
-    os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +109,7 @@ def test_gpt_sequence_order_of_multichannel_tokens(order):
 
 
 def test_tokens_colab_runs_on_the_smoke_run(smoke_run, monkeypatch):
-  nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]'")
-  nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]'")
-  pytest.importorskip("ipykernel", reason="pip install -e '.[dev]'")
-  monkeypatch.setenv("VQJAX_WORKDIR", smoke_run)
-  monkeypatch.setenv("MPLBACKEND", "Agg")
-  notebook = nbformat.read(os.path.join(ROOT, "colabs", "movq_tokens.ipynb"), as_version=4)
-  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                   resources={"metadata": {"path": ROOT}})
-  client.execute()
-  outputs = [out for cell in notebook.cells for out in cell.get("outputs", [])]
-  assert not [out for out in outputs if out.get("output_type") == "error"]
-  text = "".join(out.get("text", "") for out in outputs)
+  text = run_notebook("movq_tokens.ipynb", monkeypatch, smoke_run)
   assert "tokens (2, 16, 16, 4)" in text and "changes the decoding by" in text
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, load_config
+from tests.conftest import in_repository, load_config
 from tests.test_bad_inputs import run_table
 
 # The tests that share the smoke run stay on one xdist worker.
@@ -19,14 +19,6 @@ STAGES = ["tokenizer", "tokens_train", "tokens_val", "ar", "ar_samples", "ar_eva
           "reconstruction"]
 
 
-def in_repository(function, *args):
-  """Call `function` from the repository root (recipes name recipes by relative paths)."""
-  cwd = os.getcwd()
-  os.chdir(ROOT)
-  try:
-    return function(*args)
-  finally:
-    os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, load_config
+from tests.conftest import ROOT, load_config, run_notebook
 from tests.test_bad_inputs import run_table
 from vqjax.core import checkpoint
 from vqjax.data.tokens import TokenStore
@@ -86,19 +86,7 @@ def test_phase2_freezes_the_encoder_and_codebook_and_keeps_every_token(smoke_run
 
 
 def test_visualization_colab_runs_on_the_smoke_run(smoke_run, tmp_path, monkeypatch):
-  nbformat = pytest.importorskip("nbformat", reason="pip install -e '.[dev]'")
-  nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[dev]'")
-  pytest.importorskip("ipykernel", reason="pip install -e '.[dev]'")
-  monkeypatch.setenv("VQJAX_WORKDIR", smoke_run)
-  monkeypatch.setenv("MPLBACKEND", "Agg")
-  notebook = nbformat.read(os.path.join(ROOT, "colabs", "seqgan_visualization.ipynb"),
-                           as_version=4)
-  client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                   resources={"metadata": {"path": ROOT}})
-  client.execute()
-  outputs = [out for cell in notebook.cells for out in cell.get("outputs", [])]
-  assert not [out for out in outputs if out.get("output_type") == "error"]
-  text = "".join(out.get("text", "") for out in outputs)
+  text = run_notebook("seqgan_visualization.ipynb", monkeypatch, smoke_run)
   assert "top-1 accuracy" in text and "pipeline directory " + smoke_run in text
 
 

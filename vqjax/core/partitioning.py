@@ -33,6 +33,20 @@ def mesh_data_size(c: ml_collections.ConfigDict, num_devices: int) -> int:
   return data
 
 
+def check_batch_split(c: ml_collections.ConfigDict, num_devices: int, process_count: int,
+                      fields: tuple[str, ...]) -> None:
+  """ConfigError naming the first of `fields` (dotted, e.g. 'train.batch_size') whose batch
+  the mesh's data axis and the processes cannot split evenly."""
+  data_size = mesh_data_size(c, num_devices)
+  for name in fields:
+    section, field = name.split(".")
+    value = c[section][field]
+    if value % (data_size * process_count):
+      raise ConfigError(
+          f"{name}={value} cannot be split over the mesh's data axis of size {data_size} "
+          f"and {process_count} process(es): use a multiple of {data_size * process_count}.")
+
+
 PARAM_SHARDING_MODES = ("replicate", "channels", "fsdp")
 
 # Logical axis -> mesh axis, for the names both trainers' parameters carry (the

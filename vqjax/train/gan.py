@@ -43,7 +43,7 @@ from vqjax import registry
 from vqjax.checks import check_table
 from vqjax.console import console
 from vqjax.core import checkpoint, partitioning, trees
-from vqjax.core.partitioning import mesh_data_size, param_shardings, validate_mesh
+from vqjax.core.partitioning import check_batch_split, param_shardings, validate_mesh
 from vqjax.core.writers import make_writer, write_images
 from vqjax.data.pipeline import train_dataset
 from vqjax.data.sources import validate_data_config
@@ -458,13 +458,8 @@ def validate_gan_config(c: ml_collections.ConfigDict, num_devices: int,
                       f"{c.model.generator.name!r} makes {size}x{size} images: set "
                       f"data.image_size={size}.")
   validate_mesh(c)
-  data_size = mesh_data_size(c, num_devices)
-  for name, value in (("train.batch_size", c.train.batch_size),
-                      ("eval.batch_size", c.eval.batch_size),
-                      ("sample.batch_size", c.sample.batch_size)):
-    if value % (data_size * process_count):
-      raise ConfigError(f"{name}={value} cannot be split over the mesh's data axis of size "
-                        f"{data_size} and {process_count} process(es).")
+  check_batch_split(c, num_devices, process_count,
+                    ("train.batch_size", "eval.batch_size", "sample.batch_size"))
 
 
 def check_data_classes(c) -> None:

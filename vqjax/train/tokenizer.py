@@ -22,7 +22,7 @@ import optax
 from vqjax import registry
 from vqjax.checks import check_table
 from vqjax.core import trees
-from vqjax.core.partitioning import mesh_data_size, param_shardings, validate_mesh
+from vqjax.core.partitioning import check_batch_split, param_shardings, validate_mesh
 from vqjax.data.sources import validate_data_config
 from vqjax.errors import ConfigError
 from vqjax.eval.settings import validate_fid_settings
@@ -361,14 +361,8 @@ def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
   check_geometry = getattr(registry.DECODERS.get(m.decoder.name), "check_geometry", None)
   if check_geometry is not None:
     check_geometry(m.decoder, c.data.image_size // factor)
-  data_size = mesh_data_size(c, num_devices)
-  for name, batch in (("train.batch_size", c.train.batch_size),
-                      ("eval.batch_size", c.eval.batch_size),
-                      ("tokenize.batch_size", c.tokenize.batch_size)):
-    if batch % data_size or batch % process_count:
-      raise ConfigError(
-          f"{name}={batch} cannot be split over the mesh's data axis of size {data_size} "
-          f"and {process_count} process(es): use a multiple of {data_size * process_count}.")
+  check_batch_split(c, num_devices, process_count,
+                    ("train.batch_size", "eval.batch_size", "tokenize.batch_size"))
   _validate_frozen(c.optim.frozen)
   validate_mesh(c)
   from vqjax.train.loop import validate_guards  # here: loop imports TensorFlow (via clu)

@@ -32,7 +32,7 @@ from vqjax import registry
 from vqjax.checks import check_table
 from vqjax.console import console
 from vqjax.core import partitioning
-from vqjax.core.partitioning import mesh_data_size, validate_mesh
+from vqjax.core.partitioning import check_batch_split, validate_mesh
 from vqjax.core.writers import make_writer, write_images
 from vqjax.data.pipeline import pad_batch
 from vqjax.data.tokens import TokenStore, TokenStoreError
@@ -331,11 +331,6 @@ def validate_transformer_config(c: ml_collections.ConfigDict, num_devices: int,
     raise ConfigError("tokens.dir is empty: extract tokens with a tokenizer config and "
                       "--mode=tokenize, then pass --config.tokens.dir=<that folder>.")
   validate_mesh(c)
-  data_size = mesh_data_size(c, num_devices)
-  for name, value in (("train.batch_size", c.train.batch_size),
-                      ("eval.batch_size", c.eval.batch_size),
-                      ("sample.batch_size", c.sample.batch_size)):
-    if value % (data_size * process_count):
-      raise ConfigError(f"{name}={value} cannot be split over the mesh's data axis of size "
-                        f"{data_size} and {process_count} process(es).")
+  check_batch_split(c, num_devices, process_count,
+                    ("train.batch_size", "eval.batch_size", "sample.batch_size"))
   validate_guards(c.train)
