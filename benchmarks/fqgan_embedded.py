@@ -26,14 +26,14 @@ import time
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/fqgan_embedded", "one sub-directory per run")
-_STEPS = flags.DEFINE_integer("steps", 300, "generator steps per GAN run")
+_STEPS = flags.DEFINE_integer("steps", 150, "generator steps per GAN run")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "seeds per model")
-_CH = flags.DEFINE_integer("ch", 16, "BigGAN channel multiplier (BigGAN-PyTorch CIFAR: 64)")
+_CH = flags.DEFINE_integer("ch", 8, "BigGAN channel multiplier (BigGAN-PyTorch CIFAR: 64)")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "GAN batch (the paper: 64)")
 _N_CRITIC = flags.DEFINE_integer("n_critic", 4, "D steps per G step")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 2000, "EMA-G samples scored")
 _CROPS = flags.DEFINE_integer("crops_per_image", 32, "training crops per embedded image")
-_TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 300, "0 = skip part 2")
+_TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 200, "0 = skip part 2")
 
 ROOT = os.path.dirname(os.path.abspath(os.path.dirname(__file__)))
 
