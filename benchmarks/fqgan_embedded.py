@@ -94,6 +94,8 @@ def main(argv):
       config = gan_config(fq, seed)
       start = time.time()
       run_mode(config, workdir, "train")
+      if not os.path.exists(os.path.join(workdir, f"eval_{_STEPS.value}.json")):
+        run_mode(config, workdir, "eval")  # a run that finished training but not its eval
       seconds = time.time() - start
       with open(os.path.join(workdir, f"eval_{_STEPS.value}.json")) as f:
         report = json.load(f)
@@ -119,6 +121,8 @@ def main(argv):
     config = tokenizer_config(fq)
     start = time.time()
     run_mode(config, workdir, "train")
+    if not os.path.exists(os.path.join(workdir, f"eval_{_TOKENIZER_STEPS.value}.json")):
+      run_mode(config, workdir, "eval")
     seconds = time.time() - start
     with open(os.path.join(workdir, f"eval_{_TOKENIZER_STEPS.value}.json")) as f:
       recon = json.load(f)
