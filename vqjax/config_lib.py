@@ -30,6 +30,10 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "tokenizer"
   c.seed = 0
+  # 'float32' | 'bfloat16': the compute dtype of convs, attention and MLPs. Parameters,
+  # optimiser states, quantiser distances and codebook updates, softmaxes, norm statistics
+  # and every loss stay float32.
+  c.precision = "float32"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by `model`
@@ -67,10 +71,17 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   # -1: a map is single-channel, palette or colour with equal channels; k >= 0: channel k of a
   # colour map holds the ids (0 for TFDS scene_parse150: R = category, G = instance)
   c.data.label_map_channel = -1
+  # Grain worker processes that decode and augment training images (0 = in this process),
+  # and the batches each worker prepares ahead.
+  c.data.workers = 0
+  c.data.prefetch = 2
 
   # The tokenizer: three registered parts (vqjax.registry), each with its own fields.
   c.model = ml_collections.ConfigDict()
   c.model.z_channels = 256  # encoder output / decoder input width around the 1x1 convs
+  # 'none' | 'block': recompute every ResBlock and attention block in the backward pass
+  # (nn.remat) instead of keeping its activations.
+  c.model.remat = "none"
   arch = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
               norm_groups=32)
   c.model.encoder = registry.ENCODERS.config("vqgan", **arch)
@@ -118,6 +129,9 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   # > 0: train.steps = ceil(epochs x train-split size / batch_size), set when training starts.
   c.train.epochs = 0.0
   c.train.batch_size = 256
+  # Micro-batches per update: each process's batch is split into grad_accum parts whose
+  # gradients (and codebook statistics) are summed before one update.
+  c.train.grad_accum = 1
   c.train.log_every = 100
   c.train.image_every = 5000
   c.train.checkpoint_every = 5000
@@ -241,6 +255,7 @@ def transformer_config(objective: str, **objective_fields) -> ml_collections.Con
   c = ml_collections.ConfigDict()
   c.trainer = "transformer"
   c.seed = 0
+  c.precision = "float32"  # 'float32' | 'bfloat16' (as in tokenizer_config)
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.model = 1
@@ -275,6 +290,7 @@ def transformer_config(objective: str, **objective_fields) -> ml_collections.Con
   c.model.heads = 12
   c.model.mlp_dim = 3072
   c.model.dropout = 0.1
+  c.model.remat = "none"  # 'none' | 'block': every transformer block under nn.remat
   # The condition prefix: a class label (length 1) over num_classes ids, 0 = unconditional.
   c.model.num_classes = 1000
   # 'class' | 'semantic_map': the token store's condition maps (semantic ids on a grid,
@@ -295,6 +311,7 @@ def transformer_config(objective: str, **objective_fields) -> ml_collections.Con
   # > 0: train.steps = ceil(epochs x token-store rows / batch_size), set when training starts.
   c.train.epochs = 0.0
   c.train.batch_size = 256
+  c.train.grad_accum = 1  # micro-batches per update (as in tokenizer_config)
   c.train.log_every = 100
   c.train.checkpoint_every = 5000
   c.train.keep_checkpoints = 3
@@ -352,6 +369,7 @@ def gan_config(generator: str = "biggan32", discriminator: str = "biggan32",
   c = ml_collections.ConfigDict()
   c.trainer = "gan"
   c.seed = 0
+  c.precision = "float32"  # 'float32' | 'bfloat16' (as in tokenizer_config)
   c.mesh = base.mesh
   c.data = base.data
   c.data.source = "tfds"
@@ -363,6 +381,7 @@ def gan_config(generator: str = "biggan32", discriminator: str = "biggan32",
 
   c.model = ml_collections.ConfigDict()
   c.model.num_classes = num_classes  # 0 = unconditional; G and D get the same number
+  c.model.remat = "none"  # 'none' | 'block': every G and D residual block under nn.remat
   c.model.generator = registry.GENERATORS.config(generator, num_classes=num_classes)
   c.disc = registry.DISCRIMINATORS.config(discriminator, num_classes=num_classes)
 
@@ -387,6 +406,7 @@ def gan_config(generator: str = "biggan32", discriminator: str = "biggan32",
   c.train.epochs = 0.0
   c.train.batch_size = 64
   c.train.n_critic = 4  # discriminator steps (each on its own real batch) per G step
+  c.train.grad_accum = 1  # micro-batches per G and per D update (as in tokenizer_config)
   c.train.log_every = 100
   c.train.image_every = 2000
   c.train.checkpoint_every = 2000

@@ -40,7 +40,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "tokenize", "sample", "visualize"],
                           "What to run.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first (multi-host GPU or TPU pod).")
+    "distributed", False,
+    "Call jax.distributed.initialize() first (multi-host GPU or TPU pod). Without the three "
+    "flags below, JAX reads the coordinator and process ids from the cluster (SLURM, TPU VM).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", "", "With --distributed: HOST:PORT of process 0's coordinator service.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", 0, "With --distributed: the number of processes (0 = from the cluster).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", -1, "With --distributed: this process's id, 0..num_processes-1 "
+    "(-1 = from the cluster).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "init_timeout", 300, "With --distributed: seconds to wait for every process to reach the "
+    "coordinator before giving up with exit status 2.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Exit status after a SIGTERM/SIGINT stopped training and its checkpoint was saved:
@@ -53,9 +65,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value:
-    import jax
-
-    jax.distributed.initialize()
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _INIT_TIMEOUT.value)
   config = _CONFIG.value
   from vqjax.train import modes
 
@@ -69,6 +80,66 @@ def main(argv):
     if message is None:
       raise
     fail(message)
+
+
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int,
+                           timeout_s: int) -> None:
+  """jax.distributed.initialize with the given (or the cluster's) coordinator and ids.
+
+  CPU devices talk over Gloo (the only CPU collectives), so a multi-process run also works
+  on CPU hosts. A coordinator that does not answer within `timeout_s`, or ids that do not
+  fit, end the process with one line and exit status 2 rather than a hang.
+  """
+  import jax
+
+  given = [bool(coordinator), num_processes > 0, process_id >= 0]
+  if any(given) and not all(given):
+    fail("--coordinator, --num_processes and --process_id go together: give all three, or "
+         "none to read them from the cluster (SLURM, TPU VM).")
+  if all(given) and not 0 <= process_id < num_processes:
+    fail(f"--process_id={process_id} must be in 0..{num_processes - 1} "
+         f"(--num_processes={num_processes}).")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if all(given):
+    kwargs = {"coordinator_address": coordinator, "num_processes": num_processes,
+              "process_id": process_id}
+    if process_id > 0:  # JAX's client aborts the process when it cannot register in time
+      _wait_for_coordinator(coordinator, timeout_s, process_id, num_processes)
+  try:
+    jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+  except (RuntimeError, ValueError) as e:  # XlaRuntimeError is a RuntimeError
+    where = coordinator or "the cluster's coordinator"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    fail(f"could not join the distributed run at {where} within {timeout_s} s "
+         f"(process {process_id} of {num_processes}): {first[:300]}. Check that every process "
+         "was started with the same --coordinator and --num_processes and that process 0 is "
+         "reachable on that port; raise --init_timeout for slow starts.")
+
+
+def _wait_for_coordinator(coordinator: str, timeout_s: int, process_id: int,
+                          num_processes: int) -> None:
+  """Return once HOST:PORT accepts a TCP connection; exit 2 with one line after `timeout_s`."""
+  import socket
+  import time
+
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit():
+    fail(f"--coordinator={coordinator!r} must be HOST:PORT, e.g. 10.0.0.1:1234.")
+  deadline = time.monotonic() + timeout_s
+  last = "no answer"
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)),
+                                    timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+        return
+    except OSError as e:
+      last = e.strerror or str(e)
+    if time.monotonic() >= deadline:
+      fail(f"the coordinator {coordinator} could not be reached within {timeout_s} s "
+           f"(process {process_id} of {num_processes}; last attempt: {last}): start process 0 "
+           "with the same --coordinator, check the host and port, or raise --init_timeout.")
+    time.sleep(0.25)
 
 
 def fail(message: str) -> None:
