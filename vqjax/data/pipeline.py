@@ -12,6 +12,7 @@ share of the global batch.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import grain
@@ -21,7 +22,9 @@ from PIL import Image
 from vqjax.console import warn
 from vqjax.data import label_maps
 from vqjax.data.images import ImageDecodeError, array_to_rgb, decode_image
+from vqjax.data.rows import distinct_positions, process_rows
 from vqjax.data.sources import ImagesNotDecodableError, build_source
+from vqjax.data.workers import WorkerBatches
 
 # Paths already warned about in this process: every pipeline over the same files (each
 # periodic evaluation builds one) warns about a bad file once, not once per pass.
@@ -51,7 +54,9 @@ class Preprocess:
   Grain's read-ahead or the epochs meet them. When `num_files` (the distinct
   files this pipeline reads) is given and every one of them has failed,
   ImagesNotDecodableError naming `root` is raised instead of an endless stream
-  of skips.
+  of skips. In Grain worker processes a copy (`for_workers`) does the decoding and
+  hands its failures to this object (`take_failures` -> `record_failures`), which
+  warns, counts and raises as above.
   """
 
   def __init__(self, image_size: int, resize_shorter: int, random_crop: bool, random_flip: bool,
@@ -69,6 +74,36 @@ class Preprocess:
     self._failed: dict[str, str] = {}  # path -> why it failed, first failure first
     self.decoded_any = False
     self._lock = threading.Lock()
+    self._outbox: list | None = None  # a workers' copy (`for_workers`): failures to hand on
+
+  def __getstate__(self) -> dict:  # picklable (Grain's worker processes): the lock stays
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def for_workers(self) -> Preprocess:
+    """A copy for worker processes (`vqjax.data.workers`): it neither warns, counts against
+    `num_files` nor raises for an undecodable file, but queues each file's first failure
+    for `take_failures()`, whose lists the main process hands to this object's
+    `record_failures`."""
+    clone = Preprocess.__new__(Preprocess)
+    clone.__setstate__({**self.__getstate__(), "num_files": None, "_failed": {},
+                        "decoded_any": False, "_outbox": []})
+    return clone
+
+  def take_failures(self) -> list[tuple[str, str]]:
+    """(path, why) of the files that failed for the first time since the last call."""
+    with self._lock:
+      out, self._outbox = self._outbox, []
+    return out
+
+  def record_failures(self, failures) -> None:
+    """Count, and warn about, failures met elsewhere (`take_failures` of workers' copies)
+    as if met here: each distinct file once; ImagesNotDecodableError once all have failed."""
+    for path, why in failures:
+      self._failed_once(path, why)
 
   @property
   def num_corrupt(self) -> int:
@@ -106,6 +141,12 @@ class Preprocess:
     return image
 
   def _failed_once(self, path: str, why: str) -> None:
+    if self._outbox is not None:  # in a worker: the main process warns, counts and raises
+      with self._lock:
+        if path not in self._failed:
+          self._failed[path] = why
+          self._outbox.append((path, why))
+      return
     with _WARNED_LOCK:
       first = path not in _WARNED and why != _NO_MAP  # the source warned about those once
       _WARNED.add(path)
@@ -177,52 +218,64 @@ def _label_args(d) -> dict:
 
 
 def train_dataset(config, process_index: int = 0, process_count: int = 1):
-  """Infinite, shuffled, per-process training IterDataset and its Preprocess."""
+  """Infinite, shuffled, per-process training IterDataset and its Preprocess.
+
+  With `config.data.workers` > 0 the images are decoded, augmented and batched in that
+  many Grain worker processes (`vqjax.data.workers.WorkerBatches`, iterated the same way):
+  the same batches and iterator state as with 0, and the Preprocess still counts (and
+  warns about) the corrupt files the workers meet.
+  """
   d = config.data
   source = build_source(d, d.train_split)
+  batch = config.train.batch_size
   preprocess = Preprocess(d.image_size, d.resize_shorter, True, d.random_flip,
-                          _distinct_files(source, process_index, process_count),
+                          _distinct_files(source, batch, process_count, config.seed),
                           getattr(source, "root", ""), **_label_args(d))
-  per_process = config.train.batch_size // process_count
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=config.seed).repeat(None).random_map(preprocess, seed=config.seed + 1)
-  ds = ds.to_iter_dataset().batch(per_process, drop_remainder=True)
+  workers = d.get("workers", 0)
+  mapper = preprocess.for_workers() if workers > 0 else preprocess
+  # One stream for the whole run, the same in every process; each process reads its rows of
+  # every global batch (vqjax.data.rows), so P processes see the 1-process batches.
+  ds = grain.MapDataset.source(source)
+  ds = ds.shuffle(seed=config.seed).repeat(None).random_map(mapper, seed=config.seed + 1)
+  ds = process_rows(ds, batch, process_index, process_count)
+  if workers > 0:
+    return WorkerBatches(ds, batch // process_count, preprocess, mapper, workers,
+                         d.get("prefetch", 2)), preprocess
+  ds = ds.to_iter_dataset().batch(batch // process_count, drop_remainder=True)
   return ds, preprocess
 
 
-def _distinct_files(source, process_index: int, process_count: int) -> int | None:
-  """How many distinct files one process's slice of a file source reads (None: not files)."""
+def _distinct_files(source, global_batch: int, process_count: int, seed: int) -> int | None:
+  """How many distinct files one process's rows of a file source's shuffled, repeated stream
+  ever read (None: not files)."""
   paths = getattr(source, "paths", None)
   if not paths:
     return None
-  if process_count == 1:
+  n = len(source)
+  covered = distinct_positions(n, global_batch, process_count)
+  if covered == n:
     return len(paths)
-  return len({i % len(paths) for i in range(process_index, len(source), process_count)})
-
-
-def _skip_then_batch(examples, skip: int, size: int):
-  it = iter(examples)
-  for _ in range(skip):
-    if next(it, None) is None:
-      return
-  while True:
-    chunk = [e for _, e in zip(range(size), it, strict=False)]
-    if not chunk:
-      return
-    yield {k: np.stack([e[k] for e in chunk]) for k in chunk[0]}
+  if n == len(paths):  # one record per file
+    return covered
+  # Several records per file (data.crops_per_image): the positions' records, through the
+  # same shuffle as train_dataset's, modulo the file count.
+  b = global_batch // process_count
+  d = math.gcd(global_batch, n)
+  order = grain.MapDataset.range(n).shuffle(seed=seed)
+  residues = {j % d for j in range(b)}  # process 0's; every process covers as many
+  return len({order[r + k * d] % len(paths) for r in residues for k in range(n // d)})
 
 
 def eval_batches(config, process_index: int = 0, process_count: int = 1, split: str | None = None,
-                 batch_size: int | None = None, max_examples: int | None = None,
-                 skip: int = 0):
+                 batch_size: int | None = None, max_examples: int | None = None):
   """A finite, deterministic pass over a split (default: the validation split).
 
   Yields per-process batches of a fixed size padded at the end; `mask` is 1
   for real examples and 0 for padding, so every batch splits over the mesh.
-  `skip` drops the first `skip` decoded examples of the pass (resuming a
-  writer that counted what it stored; corrupt images, already dropped, do
-  not shift the count). A pass in which no image decodes raises
-  ImagesNotDecodableError naming the folder.
+  Process p reads every P-th example; corrupt images are dropped. With several
+  processes every one yields as many batches as the one with the most (all-padding
+  batches after its own end), so their collectives stay in step. A pass in which no
+  image decodes raises ImagesNotDecodableError naming the folder.
   """
   d = config.data
   source = build_source(d, split or d.val_split)
@@ -230,18 +283,93 @@ def eval_batches(config, process_index: int = 0, process_count: int = 1, split: 
                           root=getattr(source, "root", ""), **_label_args(d))
   per_process = (batch_size or config.eval.batch_size) // process_count
   max_examples = config.eval.max_examples if max_examples is None else max_examples
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.random_map(preprocess, seed=config.seed + 2)
+  # Seeds (eval_random_crop) by the position in the whole split, whatever the process count.
+  ds = grain.MapDataset.source(source).random_map(preprocess, seed=config.seed + 2)
+  ds = ds[process_index::process_count]
   if max_examples > 0:
     ds = ds[: max_examples // process_count]
-  examples = ds.to_iter_dataset()
-  if skip:
-    examples = _skip_then_batch(examples, skip, per_process)
-  else:
-    examples = examples.batch(per_process, drop_remainder=False)
-  for batch in examples:
-    yield pad_batch(batch, per_process)
+  batches = (pad_batch(b, per_process)
+             for b in ds.to_iter_dataset().batch(per_process, drop_remainder=False))
+  if process_count > 1:
+    batches = _in_step(batches, _empty_batch(config, per_process))
+  yield from batches
   if not preprocess.decoded_any and preprocess.num_corrupt:
+    raise preprocess.not_decodable_error()
+
+
+def _in_step(batches, empty: dict):
+  """`batches`, continued with `empty` until no process has batches left (one all-gather
+  of a flag per batch)."""
+  from jax.experimental import multihost_utils
+
+  it = iter(batches)
+  while True:
+    batch = next(it, None)
+    more = multihost_utils.process_allgather(np.int32(batch is not None))
+    if not np.any(more):
+      return
+    yield batch if batch is not None else dict(empty)
+
+
+def _empty_batch(config, size: int) -> dict:
+  """An all-padding batch of `size` rows (mask 0) shaped like the pipeline's."""
+  d, s = config.data, config.data.image_size
+  out = {"image": np.zeros((size, s, s, 3), np.float32), "label": np.zeros(size, np.int32)}
+  if d.get("label_maps", ""):
+    out["label_map"] = np.zeros((size, s, s), np.int32)
+  out["mask"] = np.zeros(size, np.float32)
+  return out
+
+
+def positioned_batches(config, split: str, start: int, end: int, global_batch: int,
+                       process_index: int = 0, process_count: int = 1):
+  """Source positions [start, end) of a split with the evaluation preprocessing, in global
+  batches of `global_batch` positions; process p gets rows [p*b, (p+1)*b) of each (b =
+  global_batch / P; vqjax.data.rows), every process the same number of batches.
+
+  Each per-process batch has 'image', 'label' (and 'label_map'), `mask` (0: padding or
+  a corrupt image, which stays in its row) and `position` (int64, -1 for padding), so
+  the real rows of the gathered global batches are the decoded examples in source order,
+  whatever P is: a writer that records the position after its last stored row can resume
+  there with any number of processes.
+  """
+  d = config.data
+  source = build_source(d, split)
+  preprocess = Preprocess(d.image_size, d.resize_shorter, d.eval_random_crop, False,
+                          root=getattr(source, "root", ""), **_label_args(d))
+  mapped = grain.MapDataset.source(source).random_map(preprocess, seed=config.seed + 2)
+  end = min(end, len(source))
+  size = global_batch // process_count
+  empty = _empty_batch(config, 1)
+
+  def example(position):
+    record = mapped[position]
+    if record is None:
+      return {**{k: v[0] for k, v in empty.items()}, "position": np.int64(position)}
+    return {**record, "mask": np.float32(1), "position": np.int64(position)}
+
+  rows = process_rows(grain.MapDataset.range(start, max(start, end)), global_batch,
+                      process_index, process_count).map(example)
+  num_batches = -(-max(end - start, 0) // global_batch)
+  batches = iter(rows.to_iter_dataset().batch(size, drop_remainder=False))
+  for _ in range(num_batches):
+    batch = next(batches, None)
+    if batch is None:
+      batch = {**_empty_batch(config, size), "position": np.full(size, -1, np.int64)}
+    else:
+      n = len(batch["mask"])
+      batch = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+      batch["position"][n:] = -1
+    yield batch
+  if not num_batches:
+    return
+  decoded = preprocess.decoded_any
+  if process_count > 1:  # every process takes part: one of them may have decoded nothing
+    from jax.experimental import multihost_utils
+
+    decoded = bool(np.any(multihost_utils.process_allgather(np.int32(decoded))))
+  if not decoded:
     raise preprocess.not_decodable_error()
 
 

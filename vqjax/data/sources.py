@@ -284,7 +284,8 @@ def build_source(data_cfg, split: str):
 DATA_RULES = {"source": ("embedded", "folder", "tfds"), "image_size": ">=1",
               "resize_shorter": ">=1", "val_fraction": "(0,1)", "crops_per_image": ">=1",
               "eval_crops_per_image": ">=1", "semantic_classes": ">=0",
-              "label_maps": ("", "paired", "tfds", "colour_clusters"), "label_map_channel": ">=-1"}
+              "label_maps": ("", "paired", "tfds", "colour_clusters"), "label_map_channel": ">=-1",
+              "workers": ">=0", "prefetch": ">=1"}
 
 
 def validate_data_config(data_cfg) -> None:

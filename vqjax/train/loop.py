@@ -275,6 +275,8 @@ class TrainRun:
     finally:
       if not stopped_by_guard:
         self._save_last(step, state, data_iter, _first_bad(guards))
+      if hasattr(data_iter, "close"):  # stops the input pipeline's worker processes
+        data_iter.close()
       self.manager.wait_until_finished()
       newest = self.manager.latest_step()
       self.manager.close()
