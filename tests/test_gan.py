@@ -100,6 +100,7 @@ def test_ema_copies_g_before_start_then_mixes():
     np.testing.assert_allclose(e, 0.9 * e1 + 0.1 * g, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow  # make test-slow: its run costs minutes on 2 CPU cores
 def test_each_critic_step_reads_its_own_real_batch():
   """With n_critic = 2 the step's batch holds two real batches: changing the second one
   changes D's update, changing nothing gives the same step (the step is deterministic)."""
@@ -127,6 +128,7 @@ def test_non_finite_step_changes_nothing_but_the_step():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # make test-slow: its run costs minutes on 2 CPU cores
 def test_killed_run_resumes_exactly(tmp_path):
   """2 steps, stop, resume to 4 == 4 steps straight: every state leaf bitwise (FQ dictionaries,
   SN vectors, BN moments, EMA, optimisers)."""
@@ -174,6 +176,7 @@ print("dictionaries equal", sorted(out[1]))
 """
 
 
+@pytest.mark.slow  # make test-slow: its run costs minutes on 2 CPU cores
 def test_fq_dictionaries_agree_across_eight_devices():
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], cwd=ROOT, env=env,

@@ -94,6 +94,7 @@ def test_smoke_pipeline_stores_conditions_and_reports_table_1(smoke_run):
     assert Image.open(path).size[0] > 100
 
 
+@pytest.mark.slow  # make test-slow: its run costs minutes on 2 CPU cores
 def test_gpt_learns_to_copy_its_semantic_map(tmp_path):
   """Tokens equal to their condition map (mod K): a GPT that reads its prefix predicts them
   far above chance (1/K); one whose prefix were ignored could not."""
