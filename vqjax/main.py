@@ -29,6 +29,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import errno  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -53,6 +54,9 @@ _PROCESS_ID = flags.DEFINE_integer(
 _INIT_TIMEOUT = flags.DEFINE_integer(
     "init_timeout", 300, "With --distributed: seconds to wait for every process to reach the "
     "coordinator before giving up with exit status 2.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100, "With --distributed: seconds without a heartbeat after which "
+    "JAX's coordination service declares a process dead and ends the others (status 134).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Exit status after a SIGTERM/SIGINT stopped training and its checkpoint was saved:
@@ -66,7 +70,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                           _INIT_TIMEOUT.value)
+                           _INIT_TIMEOUT.value, _HEARTBEAT_TIMEOUT.value)
   config = _CONFIG.value
   from vqjax.train import modes
 
@@ -74,21 +78,62 @@ def main(argv):
     modes.run_mode(config, _WORKDIR.value, _MODE.value)
   except modes.RunStopped as e:  # a pipeline's PipelineStopped too
     print(f"stopped: {e} (exit status {EXIT_STOPPED})", file=sys.stderr, flush=True)
-    sys.exit(EXIT_STOPPED)
+    _exit(EXIT_STOPPED)
   except Exception as e:  # re-raised (with its traceback) unless the user can fix it
     message = user_error_message(e)
+    if message is None and _peer_failure(e):
+      print(f"error: another process of this run failed ({_first_line(e)}); this one stops "
+            f"with exit status {EXIT_STOPPED}. Run the same command on every process to "
+            "resume from the last checkpoint.", file=sys.stderr, flush=True)
+      _exit(EXIT_STOPPED)
     if message is None:
+      if _multi_process():
+        traceback.print_exc()
+        _exit(1)
       raise
     fail(message)
 
 
+def _multi_process() -> bool:
+  jax = sys.modules.get("jax")
+  return jax is not None and jax.process_count() > 1
+
+
+def _exit(status: int) -> None:
+  """Exit with `status`. In a multi-process run without JAX's shutdown barrier, which would
+  wait for the other processes' heartbeats (minutes) and then abort: a failed process
+  leaves at once, and the others' next collective fails and ends them too."""
+  if _multi_process():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _peer_failure(e: BaseException) -> bool:
+  """A collective that failed because another process went away (Gloo/NCCL connection
+  errors, the coordination service reporting a dead task)."""
+  if not _multi_process():
+    return False
+  text = " ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None)
+  return any(s in text for s in ("Connection reset by peer", "Connection closed by peer",
+                                 "heartbeat timeout", "Gloo", "NCCL", "coordination service"))
+
+
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int,
-                           timeout_s: int) -> None:
+                           timeout_s: int, heartbeat_timeout_s: int = 100) -> None:
   """jax.distributed.initialize with the given (or the cluster's) coordinator and ids.
 
   CPU devices talk over Gloo (the only CPU collectives), so a multi-process run also works
   on CPU hosts. A coordinator that does not answer within `timeout_s`, or ids that do not
-  fit, end the process with one line and exit status 2 rather than a hang.
+  fit, end the process with one line and exit status 2 rather than a hang. When a process
+  dies, the others stop at their next collective (one line, exit status 75) or, at the
+  latest, `heartbeat_timeout_s` later when JAX's coordination service ends them.
   """
   import jax
 
@@ -107,7 +152,8 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     if process_id > 0:  # JAX's client aborts the process when it cannot register in time
       _wait_for_coordinator(coordinator, timeout_s, process_id, num_processes)
   try:
-    jax.distributed.initialize(initialization_timeout=timeout_s, **kwargs)
+    jax.distributed.initialize(initialization_timeout=timeout_s,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s, **kwargs)
   except (RuntimeError, ValueError) as e:  # XlaRuntimeError is a RuntimeError
     where = coordinator or "the cluster's coordinator"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -145,7 +191,7 @@ def _wait_for_coordinator(coordinator: str, timeout_s: int, process_id: int,
 def fail(message: str) -> None:
   """Print `message` as one line on stderr, prefixed 'error: ', and exit with status 2."""
   print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  _exit(2)
 
 
 # OSError numbers that mean a path the user gave cannot be used as it is.

@@ -10,12 +10,13 @@ states that mirror them, for both trainers by `config.mesh.param_sharding`
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vqjax.errors import ConfigError
@@ -38,13 +39,37 @@ def check_batch_split(c: ml_collections.ConfigDict, num_devices: int, process_co
   """ConfigError naming the first of `fields` (dotted, e.g. 'train.batch_size') whose batch
   the mesh's data axis and the processes cannot split evenly."""
   data_size = mesh_data_size(c, num_devices)
+  multiple = math.lcm(data_size, process_count)
   for name in fields:
     section, field = name.split(".")
     value = c[section][field]
-    if value % (data_size * process_count):
+    if value % multiple:
       raise ConfigError(
           f"{name}={value} cannot be split over the mesh's data axis of size {data_size} "
-          f"and {process_count} process(es): use a multiple of {data_size * process_count}.")
+          f"and {process_count} process(es): use a multiple of {multiple}.")
+
+
+def check_grad_accum(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+  """ConfigError unless `train.grad_accum` (k) is an integer >= 1 that splits each process's
+  batch (train.batch_size / process_count) into k micro-batches which the mesh's data axis
+  can still split: train.batch_size / k a multiple of lcm(data axis, processes), as
+  `check_batch_split` asks of a batch. Call it after `check_batch_split`."""
+  k, b = c.train.get("grad_accum", 1), c.train.batch_size
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"train.grad_accum={k!r} must be an integer >= 1 (micro-batches per "
+                      "update; 1 = no accumulation).")
+  per_process, share = b // process_count, mesh_data_size(c, num_devices)
+  multiple = math.lcm(share, process_count)  # what a global (micro-)batch must be a multiple of
+  fits = [d for d in range(1, per_process + 1) if per_process % d == 0 and (b // d) % multiple == 0]
+  if per_process % k:
+    raise ConfigError(
+        f"train.grad_accum={k} does not divide the per-process batch of {per_process} "
+        f"(train.batch_size={b} over {process_count} process(es)): use one of {fits}.")
+  if (b // k) % multiple:
+    raise ConfigError(
+        f"train.grad_accum={k} makes micro-batches of {per_process // k} per process "
+        f"(train.batch_size={b} over {process_count} process(es)), which the mesh's data "
+        f"axis of size {share} cannot split evenly: use one of {fits}.")
 
 
 PARAM_SHARDING_MODES = ("replicate", "channels", "fsdp")
@@ -78,8 +103,10 @@ def validate_mesh(c: ml_collections.ConfigDict) -> None:
 def make_mesh(config, devices=None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   data = mesh_data_size(config, len(devices))
-  grid = mesh_utils.create_device_mesh((data, config.mesh.model), devices=devices)
-  return Mesh(grid, ("data", "model"))
+  # Auto axes: shardings come from in/out_shardings and the compiler inserts the collectives
+  # (jax.make_mesh's default, Explicit, would type every array with its sharding).
+  return jax.make_mesh((data, config.mesh.model), ("data", "model"),
+                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -96,6 +123,27 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       batch)
+
+
+def fetch(x) -> np.ndarray:
+  """A jax.Array's whole value on this host, also when it spans other processes' devices
+  (then gathered: every process must call this together)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in order, on the host: the rows its
+  `shard_batch` input held (one copy per row when replicated over `model`). No collective."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  shards = {}
+  for shard in x.addressable_shards:
+    shards.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
 
 
 def param_shardings(mesh: Mesh, abstract_boxed, mode: str, rules=()) -> object:

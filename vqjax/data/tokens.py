@@ -77,6 +77,7 @@ class TokenStoreWriter:
     self._tokens: list[np.ndarray] = []
     self._labels: list[np.ndarray] = []
     self._conditions: list[np.ndarray] = []
+    self._positions: list[np.ndarray] = []
     self._buffered = 0
     _write_json(self.meta_path, self.meta)
 
@@ -89,8 +90,17 @@ class TokenStoreWriter:
   def complete(self) -> bool:
     return bool(self.meta["complete"])
 
+  @property
+  def next_position(self) -> int | None:
+    """The source position after the last stored example: where a resumed extraction starts
+    (0 for an empty store; None for a store written without positions, by an older vqjax)."""
+    shards = self.meta["shards"]
+    return shards[-1].get("end_position") if shards else 0
+
   def add(self, tokens: np.ndarray, labels: np.ndarray,
-          conditions: np.ndarray | None = None) -> None:
+          conditions: np.ndarray | None = None, positions: np.ndarray | None = None) -> None:
+    """Append a batch; `positions` (each example's index in its source) are recorded per
+    shard as `end_position`, the position after its last example (`next_position`)."""
     tokens = np.asarray(tokens)
     if tokens.shape[1:] != tuple(self.meta["token_shape"]):
       raise TokenStoreError(f"tokens of shape {tokens.shape[1:]}, store expects "
@@ -105,6 +115,8 @@ class TokenStoreWriter:
       self._conditions.append(np.ascontiguousarray(conditions, dtype=np.int32))
     self._tokens.append(tokens.astype(self.dtype))
     self._labels.append(np.asarray(labels, np.int32))
+    if positions is not None:
+      self._positions.append(np.asarray(positions, np.int64).reshape(-1))
     self._buffered += tokens.shape[0]
     while self._buffered >= self.shard_size:
       self._flush(self.shard_size)
@@ -122,6 +134,10 @@ class TokenStoreWriter:
       shard["conditions"] = f"conditions_{index:05d}.npy"
       _write_npy(os.path.join(self.folder, shard["conditions"]), conditions[:count])
       self._conditions = [conditions[count:]]
+    if self._positions:
+      positions = np.concatenate(self._positions)
+      shard["end_position"] = int(positions[count - 1]) + 1
+      self._positions = [positions[count:]]
     self.meta["shards"].append(shard)
     _write_json(self.meta_path, self.meta)
     self._tokens, self._labels = [tokens[count:]], [labels[count:]]

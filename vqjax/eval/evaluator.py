@@ -162,8 +162,8 @@ def evaluate_tokenizer(eval_step, params, vq_stats, lpips_params, config, mesh,
       sums = jax.device_get(sums)
       totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
       bar.update(int(sums["count"]))
-      if i == 0 and jax.process_count() == 1:
-        grid = real_rows_grid(batch, np.asarray(jax.device_get(x_hat)))
+      if i == 0:  # this process's rows (process 0's are the ones written)
+        grid = real_rows_grid(batch, partitioning.local_rows(x_hat))
   if totals is None:
     raise ValueError("the validation split yielded no images: check config.data and "
                      "config.eval.max_examples")

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vqjax.core import checkpoint
+from vqjax.core import checkpoint, partitioning
 from vqjax.core.config_files import load_config_file
 from vqjax.errors import CheckpointNotFoundError, ConfigError
 
@@ -139,5 +139,5 @@ class ImageSampler:
         labels, cond = jnp.asarray(given["label"], jnp.int32), given["cond"]
       t = self._draw(params, cond, jax.random.fold_in(jax.random.PRNGKey(seed), i))
       t = self.objective.unflatten(t)
-      images = np.asarray(jax.device_get(self._decode(self.variables, t)))
-      yield images, np.asarray(t), np.asarray(labels), min(batch_size, num - start)
+      images = partitioning.fetch(self._decode(self.variables, t))
+      yield images, partitioning.fetch(t), np.asarray(labels), min(batch_size, num - start)

@@ -126,7 +126,7 @@ def train_and_evaluate(config, workdir: str, stop: StopRequest | None = None,
   def reconstructions(step, state, batch, device_batch):
     x_hat, _ = s.models.vqgan.apply(tokenizer_variables(state), device_batch["image"])
     write_images(r.writer, workdir, step, "reconstructions",
-                 image_grid([batch["image"], np.asarray(jax.device_get(x_hat))]))
+                 image_grid([batch["image"], partitioning.local_rows(x_hat)]))
 
   current = {}
   periodic_eval = periodic_actions.PeriodicCallback(
