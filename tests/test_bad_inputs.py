@@ -54,11 +54,11 @@ def rule_cases(spec: str, tables: list[dict]) -> list[tuple[str, str]]:
   for table in tables:
     for where, rules in table.items():
       section = config
-      for key in where.split("."):
+      for key in where.split(".") if where else ():  # '': the top-level fields
         section = section[key]
       for name, rule in rules.items():
         if name in section:
-          cases.append((f"{where}.{name}", bad_value(rule, section[name])))
+          cases.append((f"{where}.{name}" if where else name, bad_value(rule, section[name])))
   return cases
 
 
@@ -128,9 +128,9 @@ def test_every_ranged_transformer_field_is_refused_by_its_validator():
   assert len(cases) > 30
   for key, value in cases:
     config = load_config(TRANSFORMER)
-    section_key, name = key.rsplit(".", 1)
+    section_key, _, name = key.rpartition(".")
     section = config
-    for part in section_key.split("."):
+    for part in section_key.split(".") if section_key else ():
       section = section[part]
     with config.unlocked():
       section[name] = value if value == "bogus" else type(section[name])(float(value))

@@ -1,6 +1,7 @@
 """Declarative range and choice checks of config fields, one table per part of a config.
 
     check_fields(c.train, "train", {"steps": ">=1", "b1": "[0,1)", "name": ("adam", "adamw")})
+    check_fields(c, "", {"precision": ("float32", "bfloat16")})  # top-level fields
 
 A rule is a string, a bound (">=1", ">0", "<=10", ">=-1") or an interval
 ("[0,1)", "(0,1]", ...), or a tuple of the allowed values. A field the slice
@@ -85,14 +86,16 @@ def check_fields(cfg, where: str, rules: dict) -> None:
     if parsed.choices is not None and isinstance(value, str):
       near = difflib.get_close_matches(value, [str(c) for c in parsed.choices], n=1, cutoff=0.5)
       hint = f" Did you mean {near[0]!r}?" if near else ""
-    raise ConfigError(f"{where}.{name}={value!r} must be {parsed.describe()}: set "
-                      f"--config.{where}.{name} (or the recipe) to such a value.{hint}")
+    path = f"{where}.{name}" if where else name
+    raise ConfigError(f"{path}={value!r} must be {parsed.describe()}: set "
+                      f"--config.{path} (or the recipe) to such a value.{hint}")
 
 
 def check_table(config, table: dict) -> None:
-  """`check_fields` for each section of `table` ({'train': rules, 'model.objective': rules})."""
+  """`check_fields` for each section of `table` ({'train': rules, 'model.objective': rules};
+  '' for the config's top-level fields)."""
   for where, rules in table.items():
     section = config
-    for key in where.split("."):
+    for key in where.split(".") if where else ():
       section = section[key]
     check_fields(section, where, rules)

@@ -78,6 +78,13 @@ class Registry:
       return part
     return add
 
+  def trainer_fields(self, name: str, **values) -> dict[str, Any]:
+    """The entries of `values` that part `name` takes from the trainer (its `not_config`
+    fields), e.g. `dtype` and `remat` for the parts that compute in a dtype or have
+    blocks to rematerialise."""
+    self.get(name)
+    return {key: value for key, value in values.items() if key in self._hidden[name]}
+
   def names(self) -> list[str]:
     self._load()
     return sorted(self._parts)

@@ -17,11 +17,18 @@ G's statistics (BatchNorm running moments, SN vectors) live in 'gen_stats',
 D's (SN vectors, FQ dictionaries) in 'disc_stats'; each changes only when the
 call passes `train=True` and the collection is mutable. num_classes = 0 makes
 both unconditional (plain BN in G, no projection in D).
+
+The trainer sets two fields of G and D that are not config fields: `dtype`,
+the compute dtype (`config.precision`: the convs and linears run in it; BN
+moments, spectral norms, FQ dictionaries, D's final sum and linear, and G's
+images stay float32), and `remat` (`model.remat`: 'block' recomputes every
+GBlock and DBlock in the backward pass, `vqjax.nn.layers.remat_block`).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,7 +37,7 @@ import jax.numpy as jnp
 from vqjax import registry
 from vqjax.checks import check_fields
 from vqjax.nn.discriminators import check_fq_config, fq_after_block
-from vqjax.nn.layers import CHANNEL_AXES, named, upsample_nearest
+from vqjax.nn.layers import CHANNEL_AXES, named, remat_block, upsample_nearest
 from vqjax.nn.spectral_norm import EMBED_AXES, ORTHO_EMBEDDING, SNConv, SNDense, SNEmbed
 
 BOTTOM_WIDTH = 4  # G's first feature map is 4x4
@@ -66,7 +73,8 @@ class ConditionalBatchNorm(nn.Module):
   [classes, C]); num_classes = 0: a learned per-channel gain (ones) and bias
   (zeros), BigGAN-PyTorch's plain `bn`. train=True normalises with the batch's
   moments and, when `collection` is mutable, advances `mean`/`var` there as
-  torch does (momentum 0.1, unbiased variance); train=False uses them.
+  torch does (momentum 0.1, unbiased variance); train=False uses them. Moments
+  and normalisation are float32; the output has x's dtype.
   """
 
   num_classes: int = 0
@@ -86,7 +94,8 @@ class ConditionalBatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, labels: jax.Array | None, train: bool) -> jax.Array:
     _check_labels(labels, self.num_classes, "ConditionalBatchNorm")
-    c = x.shape[-1]
+    c, dtype = x.shape[-1], x.dtype
+    x = x.astype(jnp.float32)
     ra_mean = self.variable(self.collection, "mean", named(jnp.zeros, CHANNEL_AXES), (c,))
     ra_var = self.variable(self.collection, "var", named(jnp.ones, CHANNEL_AXES), (c,))
     if train:
@@ -97,7 +106,7 @@ class ConditionalBatchNorm(nn.Module):
     else:
       mean, var = ra_mean.value, ra_var.value
     gain, bias = self._gain_bias(labels, c)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * gain + bias
+    return ((x - mean) * jax.lax.rsqrt(var + self.eps) * gain + bias).astype(dtype)
 
 
 class GBlock(nn.Module):
@@ -123,7 +132,7 @@ class GBlock(nn.Module):
     return h + shortcut
 
 
-@registry.GENERATORS.register("biggan32")
+@registry.GENERATORS.register("biggan32", not_config=("dtype", "remat"))
 class BigGAN32Generator(nn.Module):
   """z [B, dim_z], labels [B] int32 (None when num_classes = 0) -> images [B, 32, 32, 3]
   in [-1, 1]. BigGAN-PyTorch's G at resolution 32 without shared embedding or
@@ -136,6 +145,8 @@ class BigGAN32Generator(nn.Module):
   ch: int = 64
   bn_eps: float = 1e-5
   sn_eps: float = 1e-8
+  dtype: Any = jnp.float32
+  remat: str = "none"
 
   @staticmethod
   def check_config(cfg, where: str = "model.generator") -> None:
@@ -149,16 +160,17 @@ class BigGAN32Generator(nn.Module):
     _check_labels(labels, self.num_classes, "BigGAN32Generator")
     width, collection = 4 * self.ch, "gen_stats"
     h = SNDense(width * BOTTOM_WIDTH**2, collection=collection, eps=self.sn_eps,
-                name="linear")(z, update=train)
+                name="linear")(z.astype(self.dtype), update=train)
     # torch's view(B, C, 4, 4), then channels last
     h = h.reshape(z.shape[0], width, BOTTOM_WIDTH, BOTTOM_WIDTH).transpose(0, 2, 3, 1)
+    block = remat_block(GBlock, self.remat, static_argnums=(3,))  # (self, x, labels, train)
     for i in range(3):
-      h = GBlock(width, self.num_classes, self.bn_eps, self.sn_eps, collection,
-                 name=f"block{i}")(h, labels, train)
+      h = block(width, self.num_classes, self.bn_eps, self.sn_eps, collection,
+                name=f"block{i}")(h, labels, train)
     h = nn.relu(ConditionalBatchNorm(0, self.bn_eps, collection=collection,
                                      name="out_bn")(h, None, train))
     h = SNConv(3, collection=collection, eps=self.sn_eps, name="out_conv")(h, update=train)
-    return jnp.tanh(h)
+    return jnp.tanh(h.astype(jnp.float32))
 
 
 def avg_pool2(x: jax.Array) -> jax.Array:
@@ -199,7 +211,7 @@ class DBlock(nn.Module):
     return h + self._shortcut(x, update)
 
 
-@registry.DISCRIMINATORS.register("biggan32")
+@registry.DISCRIMINATORS.register("biggan32", not_config=("dtype", "remat"))
 class BigGAN32Discriminator(nn.Module):
   """x [B, 32, 32, 3], labels [B] int32 (None only when num_classes = 0) ->
   (logits [B], extra_losses). BigGAN-PyTorch's D at resolution 32 (blocks 0-3);
@@ -215,6 +227,8 @@ class BigGAN32Discriminator(nn.Module):
   fq_beta: float = 0.25
   fq_decay: float = 0.9
   fq_propagate: bool = True
+  dtype: Any = jnp.float32
+  remat: str = "none"
 
   @staticmethod
   def check_config(cfg, where: str = "disc") -> None:
@@ -226,12 +240,13 @@ class BigGAN32Discriminator(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False,
                labels: jax.Array | None = None) -> tuple[jax.Array, dict]:
     _check_labels(labels, self.num_classes, "BigGAN32Discriminator")
-    width, h, extra = 4 * self.ch, x, {}
+    width, h, extra = 4 * self.ch, x.astype(self.dtype), {}
+    block = remat_block(DBlock, self.remat, static_argnums=(2,))  # (self, x, update)
     for i, down in enumerate(D_DOWNSAMPLE):
-      h = DBlock(width, down, i > 0, self.sn_eps, name=f"block{i}")(h, update=train)
+      h = block(width, down, i > 0, self.sn_eps, name=f"block{i}")(h, train)
       h, losses = fq_after_block(self, i, h, train)
       extra.update(losses)
-    h = jnp.sum(nn.relu(h), axis=(1, 2))
+    h = jnp.sum(nn.relu(h).astype(jnp.float32), axis=(1, 2))
     logits = SNDense(1, eps=self.sn_eps, name="linear")(h, update=train)[:, 0]
     if self.num_classes:
       embed = SNEmbed(self.num_classes, width, eps=self.sn_eps, name="embed")

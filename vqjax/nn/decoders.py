@@ -21,12 +21,17 @@ import jax.numpy as jnp
 from vqjax import registry
 from vqjax.checks import check_fields
 from vqjax.nn.encoders import check_widths
-from vqjax.nn.layers import AttnBlock, ResBlock, Upsample, conv, group_norm, swish
+from vqjax.nn.layers import AttnBlock, ResBlock, Upsample, conv, group_norm, remat_block, swish
 
 
-@registry.DECODERS.register("vqgan", not_config=("out_channels", "dtype"))
+@registry.DECODERS.register("vqgan", not_config=("out_channels", "dtype", "remat"))
 class Decoder(nn.Module):
-  """(h [B, h, w, C], z_q) -> x_hat [B, h f, w f, out_channels]; z_q is not used."""
+  """(h [B, h, w, C], z_q) -> x_hat [B, h f, w f, out_channels]; z_q is not used.
+
+  The tokenizer sets `out_channels`, `dtype` (the compute dtype, from
+  `config.precision`; x_hat comes out in it) and `remat` (`model.remat`: 'block'
+  recomputes every ResBlock and AttnBlock in the backward pass; `vqjax.nn.layers`).
+  """
 
   ch: int = 128
   ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
@@ -35,6 +40,7 @@ class Decoder(nn.Module):
   norm_groups: int = 32
   out_channels: int = 3
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
 
   LAST_LAYER: ClassVar[str] = "conv_out"
 
@@ -56,20 +62,21 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, z: jax.Array, z_q: jax.Array | None = None) -> jax.Array:
+    res, attn = remat_block(ResBlock, self.remat), remat_block(AttnBlock, self.remat)
     width = self.ch * self.ch_mult[-1]
     h = conv(width, (3, 3), dtype=self.dtype, name="conv_in")(z)
-    h = ResBlock(width, self.norm_groups, self.dtype, name="mid_res0")(h)
-    h = AttnBlock(self.norm_groups, self.dtype, name="mid_attn")(h)
-    h = ResBlock(width, self.norm_groups, self.dtype, name="mid_res1")(h)
+    h = res(width, self.norm_groups, self.dtype, name="mid_res0")(h)
+    h = attn(self.norm_groups, self.dtype, name="mid_attn")(h)
+    h = res(width, self.norm_groups, self.dtype, name="mid_res1")(h)
     for level in reversed(range(len(self.ch_mult))):
       for i in range(self.num_res_blocks + 1):
-        h = ResBlock(self.ch * self.ch_mult[level], self.norm_groups, self.dtype,
-                     name=f"up{level}_res{i}")(h)
+        h = res(self.ch * self.ch_mult[level], self.norm_groups, self.dtype,
+                name=f"up{level}_res{i}")(h)
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(self.norm_groups, self.dtype, name=f"up{level}_attn{i}")(h)
+          h = attn(self.norm_groups, self.dtype, name=f"up{level}_attn{i}")(h)
       h = self.level_blocks(h, level)
       if level != 0:
         h = Upsample(h.shape[-1], self.dtype, name=f"up{level}_sample")(h)
-    h = swish(group_norm(self.norm_groups, name="norm_out")(h))
+    h = swish(group_norm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
     self.sow("intermediates", "last_features", h)
     return conv(self.out_channels, (3, 3), dtype=self.dtype, name=self.LAST_LAYER)(h)

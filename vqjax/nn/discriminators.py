@@ -9,7 +9,9 @@ keeps live in the mutable collection `disc_stats` and change only when the
 caller makes it mutable and passes `train=True`. `labels` [B] int32 are the
 classes of a class-conditional discriminator; an unconditional one ignores
 them. The logits are a patch map [B, H', W', 1] (PatchGAN) or one per image
-[B] (`vqjax.nn.biggan`); the GAN losses average over all of them.
+[B] (`vqjax.nn.biggan`), float32 whatever the compute dtype `dtype` (a field
+the trainer sets from `config.precision`); the GAN losses average over all of
+them.
 
 FQ-GAN (Zhao et al., 2020, Sec. 3, Eq. 5-9): the config fields `fq_layers`
 (indices of the blocks after which features are quantised; () = off),
@@ -94,7 +96,8 @@ class BatchStatNorm(nn.Module):
   The discriminator is only ever run in training, where batch norm uses the
   batch's own mean and variance; it keeps no running averages because nothing
   would read them. Under a sharded jit the batch is global, so the moments
-  are taken over the whole global batch.
+  are taken over the whole global batch. The moments and the normalisation
+  are computed in float32; the output has x's dtype.
   """
 
   epsilon: float = 1e-5
@@ -102,14 +105,15 @@ class BatchStatNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    mean = jnp.mean(x, axis=(0, 1, 2))
-    var = jnp.var(x, axis=(0, 1, 2))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=(0, 1, 2))
+    var = jnp.var(x32, axis=(0, 1, 2))
     scale = self.param("scale", named(nn.initializers.ones, CHANNEL_AXES), (c,))
     bias = self.param("bias", named(nn.initializers.zeros, CHANNEL_AXES), (c,))
-    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(x.dtype)
 
 
-@registry.DISCRIMINATORS.register("patchgan")
+@registry.DISCRIMINATORS.register("patchgan", not_config=("dtype",))
 class PatchDiscriminator(nn.Module):
   """x [B, H, W, 3] -> (patch logits [B, H', W', 1], FQ losses).
 
@@ -117,7 +121,8 @@ class PatchDiscriminator(nn.Module):
   LReLU; block num_layers: conv4x4/1 -> BN -> LReLU; then a conv4x4/1 to one
   channel. FQ layers (module docstring) may follow any block 0..num_layers;
   they add no parameters, so the parameter tree is the same with or without.
-  Unconditional: `labels` is ignored.
+  Unconditional: `labels` is ignored. The convs compute in `dtype` (set by the
+  trainer), the logits come out float32.
   """
 
   ndf: int = 64
@@ -128,6 +133,7 @@ class PatchDiscriminator(nn.Module):
   fq_beta: float = 0.25
   fq_decay: float = 0.9
   fq_propagate: bool = True
+  dtype: jnp.dtype = jnp.float32
 
   @staticmethod
   def check_config(cfg, where: str = "disc") -> None:
@@ -140,12 +146,13 @@ class PatchDiscriminator(nn.Module):
                labels: jax.Array | None = None) -> tuple[jax.Array, dict]:
     del labels  # unconditional
     init = nn.initializers.normal(0.02)
-    h = conv(self.ndf, (4, 4), strides=(2, 2), padding=1, kernel_init=init)(x)
+    h = conv(self.ndf, (4, 4), strides=(2, 2), padding=1, kernel_init=init, dtype=self.dtype)(x)
     h, extra = fq_after_block(self, 0, nn.leaky_relu(h, 0.2), train)
     for n in range(1, self.num_layers + 1):
       stride = 2 if n < self.num_layers else 1
       h = conv(self.ndf * min(2**n, 8), (4, 4), strides=(stride, stride), padding=1,
-               use_bias=False, kernel_init=init)(h)
+               use_bias=False, kernel_init=init, dtype=self.dtype)(h)
       h, losses = fq_after_block(self, n, nn.leaky_relu(BatchStatNorm()(h), 0.2), train)
       extra.update(losses)
-    return conv(1, (4, 4), strides=(1, 1), padding=1, kernel_init=init)(h), extra
+    logits = conv(1, (4, 4), strides=(1, 1), padding=1, kernel_init=init, dtype=self.dtype)(h)
+    return logits.astype(jnp.float32), extra

@@ -11,7 +11,15 @@ import jax.numpy as jnp
 from vqjax import registry
 from vqjax.checks import check_fields
 from vqjax.errors import ConfigError
-from vqjax.nn.layers import AttnBlock, Downsample, ResBlock, conv, group_norm, swish
+from vqjax.nn.layers import (
+  AttnBlock,
+  Downsample,
+  ResBlock,
+  conv,
+  group_norm,
+  remat_block,
+  swish,
+)
 
 
 def check_widths(where: str, ch: int, ch_mult: Sequence[int], norm_groups: int) -> None:
@@ -29,12 +37,14 @@ def check_widths(where: str, ch: int, ch_mult: Sequence[int], norm_groups: int) 
                       f"{bad[0]} ({where}.ch={ch}, ch_mult={tuple(ch_mult)}).")
 
 
-@registry.ENCODERS.register("vqgan", not_config=("z_channels", "dtype"))
+@registry.ENCODERS.register("vqgan", not_config=("z_channels", "dtype", "remat"))
 class Encoder(nn.Module):
   """x [B, H, W, 3] -> z [B, H/f, W/f, z_channels], f = 2^(len(ch_mult) - 1).
 
-  The tokenizer sets `z_channels` (its `model.z_channels`); the other fields
-  are the config's `model.encoder`.
+  The tokenizer sets `z_channels` (its `model.z_channels`), `dtype` (from
+  `config.precision`) and `remat` (`model.remat`: 'block' recomputes every
+  ResBlock and AttnBlock in the backward pass; `vqjax.nn.layers`); the other
+  fields are the config's `model.encoder`.
   """
 
   ch: int = 128
@@ -44,6 +54,7 @@ class Encoder(nn.Module):
   norm_groups: int = 32
   z_channels: int = 256
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
 
   @staticmethod
   def downsampling(cfg) -> int:
@@ -58,17 +69,18 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    res, attn = remat_block(ResBlock, self.remat), remat_block(AttnBlock, self.remat)
     h = conv(self.ch, (3, 3), dtype=self.dtype, name="conv_in")(x)
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
-        h = ResBlock(self.ch * mult, self.norm_groups, self.dtype, name=f"down{level}_res{i}")(h)
+        h = res(self.ch * mult, self.norm_groups, self.dtype, name=f"down{level}_res{i}")(h)
         if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(self.norm_groups, self.dtype, name=f"down{level}_attn{i}")(h)
+          h = attn(self.norm_groups, self.dtype, name=f"down{level}_attn{i}")(h)
       if level != len(self.ch_mult) - 1:
         h = Downsample(h.shape[-1], self.dtype, name=f"down{level}_sample")(h)
     width = h.shape[-1]
-    h = ResBlock(width, self.norm_groups, self.dtype, name="mid_res0")(h)
-    h = AttnBlock(self.norm_groups, self.dtype, name="mid_attn")(h)
-    h = ResBlock(width, self.norm_groups, self.dtype, name="mid_res1")(h)
-    h = swish(group_norm(self.norm_groups, name="norm_out")(h))
+    h = res(width, self.norm_groups, self.dtype, name="mid_res0")(h)
+    h = attn(self.norm_groups, self.dtype, name="mid_attn")(h)
+    h = res(width, self.norm_groups, self.dtype, name="mid_res1")(h)
+    h = swish(group_norm(self.norm_groups, dtype=self.dtype, name="norm_out")(h))
     return conv(self.z_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)

@@ -14,16 +14,30 @@ map to mesh axes (`vqjax.core.partitioning.param_shardings`):
 `conv`, `dense` and `group_norm` build the Flax layers with these names and
 Flax's default initialisers, so parameters and their values are those of
 plain `nn.Conv` / `nn.Dense` / `nn.GroupNorm`.
+
+Mixed precision and rematerialisation (the trainers pass both to the parts
+that take them, from `config.precision` and `config.model.remat`):
+
+- `dtype` (`compute_dtype`): the dtype convs, dense layers and attention
+  compute in, and the activations flow in; parameters stay float32
+  (`param_dtype`). Normalisations compute their mean and variance in float32
+  whatever their `dtype` (Flax promotes the statistics to at least float32),
+  and attention takes its softmax in float32.
+- `remat` ('none' | 'block', `remat_block`): 'block' wraps each residual or
+  attention block in `nn.remat`, so its activations are recomputed in the
+  backward pass instead of kept; the parameter tree is the same either way.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vqjax.errors import ConfigError
 from vqjax.ops import conv as fast_conv
 
 CONV_KERNEL_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
@@ -33,6 +47,34 @@ CODEBOOK_AXES = ("codes", "code_dim")
 CODE_AXES = ("codes",)
 
 _kernel_init = nn.initializers.lecun_normal()  # Flax's default for Conv and Dense
+
+# `config.precision` -> the compute dtype; `config.model.remat` choices.
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_CHOICES = ("none", "block")
+
+
+def compute_dtype(precision: str) -> jnp.dtype:
+  """The dtype `config.precision` computes in (ConfigError for an unknown value)."""
+  if precision not in PRECISIONS:
+    raise ConfigError(f"precision={precision!r} must be one of {tuple(PRECISIONS)}.")
+  return PRECISIONS[precision]
+
+
+@functools.lru_cache(maxsize=None)
+def remat_block(block: type[nn.Module], remat: str,
+                static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+  """The module class to build a block with under `remat`: `block` itself for 'none',
+  `nn.remat(block)` for 'block' (recomputed in the backward pass; same fields, and the
+  same parameter names for the same `name`).
+
+  `static_argnums` are the positions (self = 0) of `__call__` arguments that are Python
+  values, not arrays (e.g. a `train` flag).
+  """
+  if remat == "none":
+    return block
+  if remat == "block":
+    return nn.remat(block, static_argnums=static_argnums)
+  raise ConfigError(f"model.remat={remat!r} must be one of {REMAT_CHOICES}.")
 
 
 def named(init, axes: Sequence[str | None]):
@@ -74,7 +116,7 @@ def swish(x: jax.Array) -> jax.Array:
 class ResBlock(nn.Module):
   """GroupNorm -> swish -> conv3x3, twice, with a 1x1 shortcut when width changes.
 
-  `norm(num_groups, name=...)` builds each normalisation (default `group_norm`);
+  `norm(num_groups, dtype=..., name=...)` builds each normalisation (default `group_norm`);
   a conditional one (e.g. MoVQ's SpatialNorm) gets the block's extra call
   arguments `cond` as well: `ResBlock(..., norm=SpatialNorm)(x, z_q)`.
   """
@@ -86,9 +128,9 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *cond: jax.Array) -> jax.Array:  # x: [B, H, W, C]
-    h = self.norm(self.norm_groups, name="norm1")(x, *cond)
+    h = self.norm(self.norm_groups, dtype=self.dtype, name="norm1")(x, *cond)
     h = conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(swish(h))
-    h = self.norm(self.norm_groups, name="norm2")(h, *cond)
+    h = self.norm(self.norm_groups, dtype=self.dtype, name="norm2")(h, *cond)
     h = conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(swish(h))
     if x.shape[-1] != self.features:
       x = conv(self.features, (1, 1), dtype=self.dtype, name="shortcut")(x)
@@ -106,7 +148,8 @@ class AttnBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *cond: jax.Array) -> jax.Array:  # x: [B, H, W, C]
     b, h, w, c = x.shape
-    y = self.norm(self.norm_groups, name="norm")(x, *cond).reshape(b, h * w, c)
+    y = self.norm(self.norm_groups, dtype=self.dtype, name="norm")(x, *cond)
+    y = y.reshape(b, h * w, c)
     q = dense(c, dtype=self.dtype, name="q")(y)
     k = dense(c, dtype=self.dtype, name="k")(y)
     v = dense(c, dtype=self.dtype, name="v")(y)

@@ -94,6 +94,7 @@ from vqjax.nn.layers import (
   conv,
   group_norm,
   named,
+  remat_block,
   swish,
   upsample_nearest,
 )
@@ -194,7 +195,7 @@ class SpatialNorm(nn.Module):
     if factor > 1:
       gamma, beta = upsample_nearest(gamma, factor), upsample_nearest(beta, factor)
     normed = nn.GroupNorm(self.num_groups, epsilon=self.epsilon, use_scale=False,
-                          use_bias=False, name="group_norm")(f)
+                          use_bias=False, dtype=self.dtype, name="group_norm")(f)
     return gamma * normed + beta
 
 
@@ -228,7 +229,7 @@ def sinusoidal_grid(height: int, width: int, channels: int) -> np.ndarray:
 # The decoder.
 
 
-@registry.DECODERS.register("movq", not_config=("out_channels", "dtype"))
+@registry.DECODERS.register("movq", not_config=("out_channels", "dtype", "remat"))
 class MoVQDecoder(Decoder):
   """The VQGAN decoder with SpatialNorm in its first `spatial_norm_blocks` blocks and the
   initial feature `f0`; (h [B, h, w, C], z_q [B, h, w, d]) -> x_hat [B, h f, w f, out].
@@ -284,11 +285,13 @@ class MoVQDecoder(Decoder):
     return functools.partial(SpatialNorm, dtype=self.dtype) if spatial else group_norm
 
   def _res(self, features: int, name: str, h, z_q, spatial: bool) -> jax.Array:
-    block = ResBlock(features, self.norm_groups, self.dtype, norm=self._norm(spatial), name=name)
+    block = remat_block(ResBlock, self.remat)(features, self.norm_groups, self.dtype,
+                                              norm=self._norm(spatial), name=name)
     return block(h, z_q) if spatial else block(h)
 
   def _attn(self, name: str, h, z_q, spatial: bool) -> jax.Array:
-    block = AttnBlock(self.norm_groups, self.dtype, norm=self._norm(spatial), name=name)
+    block = remat_block(AttnBlock, self.remat)(self.norm_groups, self.dtype,
+                                               norm=self._norm(spatial), name=name)
     return block(h, z_q) if spatial else block(h)
 
   @nn.compact
@@ -317,7 +320,7 @@ class MoVQDecoder(Decoder):
     if "norm_out" in spatial:
       h = SpatialNorm(self.norm_groups, dtype=self.dtype, name="norm_out")(h, z_q)
     else:
-      h = group_norm(self.norm_groups, name="norm_out")(h)
+      h = group_norm(self.norm_groups, dtype=self.dtype, name="norm_out")(h)
     h = swish(h)
     self.sow("intermediates", "last_features", h)
     return conv(self.out_channels, (3, 3), dtype=self.dtype, name=self.LAST_LAYER)(h)

@@ -23,6 +23,18 @@ mutable and passes `train=True`. Inside a jitted, sharded step the updates
 are computed from the global batch, so every device holds the same state.
 Random draws (Gumbel noise, masks, k-means seeds, restart picks) come from
 the rng stream `quantizer`.
+
+Gradient accumulation (`config.train.grad_accum`, `vqjax.train.accumulate`):
+when the caller also makes the collection `stat_sums` (`STAT_SUMS`) mutable,
+a training call adds its batch's statistics (code counts, and for EMA
+codebooks and FQ dictionaries the per-code sums of the vectors, `vq.batch_sums`)
+to those already in `stat_sums` and computes its new state from the totals.
+The trainer gives every micro-batch the state from before the step (so each
+looks codes up in the same codebook, as one big batch would) and the sums of
+the micro-batches before it, and keeps the state of the last: one update from
+the statistics of the whole batch, equal to the big batch's. What draws from
+the batch (k-means initialisation, the vectors that restart dead codes) sees
+only its own micro-batch; the last one's draws are kept.
 """
 
 from __future__ import annotations
@@ -40,6 +52,8 @@ from vqjax.ops import quantize as vq
 from vqjax.ops import regularizers
 
 sg = jax.lax.stop_gradient
+
+STAT_SUMS = "stat_sums"  # statistics summed over micro-batches (module docstring)
 
 
 class QuantizerOutput(NamedTuple):
@@ -60,6 +74,25 @@ def _usage_metrics(counts: jax.Array, error: jax.Array) -> dict:
   """Per-step metrics every quantiser reports, from its code counts [K]."""
   return {"usage_in_batch": vq.usage_fraction(counts), "perplexity": vq.perplexity(counts),
           "quant_error": error}
+
+
+def _summed_statistics(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict:
+  """In `setup`: {name: variable} of the statistics `module` sums over micro-batches, in
+  `STAT_SUMS`; {} unless the caller made that collection mutable."""
+  if not module.is_mutable_collection(STAT_SUMS) or module.is_initializing():
+    return {}
+  return {name: module.variable(STAT_SUMS, name, jnp.zeros, shape, jnp.float32)
+          for name, shape in shapes.items()}
+
+
+def _add_statistics(summed: dict, batch: dict) -> dict:
+  """The batch's statistics (name -> array) without accumulation; with it (`summed`, from
+  `_summed_statistics`), the sums over the micro-batches so far, this one included."""
+  if not summed:
+    return batch
+  for name, value in batch.items():
+    summed[name].value = summed[name].value + value
+  return {name: summed[name].value for name in batch}
 
 
 def check_quantizer_config(q) -> None:
@@ -156,6 +189,12 @@ class VectorQuantizer(nn.Module):
       self.unused_steps = self.variable(
           "vq_stats", "unused_steps", named(jnp.zeros, CODE_AXES), (self.codebook_size,),
           jnp.int32)
+    summed = {}
+    if self.learning == "ema":
+      summed = {"counts": (self.codebook_size,), "sums": shape}
+    elif self.restart_after > 0:
+      summed = {"counts": (self.codebook_size,)}
+    self.summed = _summed_statistics(self, summed)
 
   def raw_codebook(self) -> jax.Array:
     """The stored codebook [K, d'] (before l2 normalisation)."""
@@ -208,9 +247,15 @@ class VectorQuantizer(nn.Module):
     metrics = {}
     if self.learning == "ema":
       onehot = jax.nn.one_hot(indices.reshape(-1), self.codebook_size, dtype=jnp.float32)
-      self.cluster_size.value, self.embed_sum.value, self.codebook_var.value = vq.ema_update(
-          self.cluster_size.value, self.embed_sum.value, flat, onehot, self.ema_decay,
-          self.ema_epsilon)
+      n, sums = vq.batch_sums(flat, onehot)
+      if self.summed:  # gradient accumulation: the totals over the micro-batches so far
+        stats = _add_statistics(self.summed, {"counts": n, "sums": sums})
+        n, sums, counts = stats["counts"], stats["sums"], stats["counts"]
+      self.cluster_size.value, self.embed_sum.value, self.codebook_var.value = (
+          vq.ema_from_sums(self.cluster_size.value, self.embed_sum.value, n, sums,
+                           self.ema_decay, self.ema_epsilon))
+    elif self.summed:
+      counts = _add_statistics(self.summed, {"counts": counts})["counts"]
     if self.restart_after > 0:
       unused = vq.update_unused_steps(self.unused_steps.value, counts)
       new, dead = vq.restart_dead_codes(self.make_rng("quantizer"), self.raw_codebook(), unused,
@@ -362,6 +407,7 @@ class FeatureQuantizer(nn.Module):
                                    named(jnp.zeros, CODEBOOK_AXES), shape)
     self.cluster_size = self.variable(self.collection, "cluster_size",
                                       named(jnp.zeros, CODE_AXES), (self.codebook_size,))
+    self.summed = _summed_statistics(self, {"counts": (self.codebook_size,), "sums": shape})
 
   def codebook(self) -> jax.Array:
     return self.dictionary.value
@@ -378,9 +424,13 @@ class FeatureQuantizer(nn.Module):
     if train and self.is_mutable_collection(self.collection) and not self.is_initializing():
       onehot = jax.nn.one_hot(indices.reshape(-1), self.codebook_size, dtype=jnp.float32)
       flat = sg(h.reshape(-1, h.shape[-1]))
+      n, sums = vq.batch_sums(flat, onehot)
+      if self.summed:  # gradient accumulation: the totals over the micro-batches so far
+        stats = _add_statistics(self.summed, {"counts": n, "sums": sums})
+        n, sums = stats["counts"], stats["sums"]
       self.cluster_size.value, self.embed_sum.value, self.dictionary.value = (
-          vq.dictionary_ema_update(self.cluster_size.value, self.embed_sum.value,
-                                   self.dictionary.value, flat, onehot, self.decay))
+          vq.dictionary_ema_from_sums(self.cluster_size.value, self.embed_sum.value,
+                                      self.dictionary.value, n, sums, self.decay))
     out = vq.straight_through(h, e) if self.propagate else h
     return QuantizerOutput(out, indices, losses, metrics, {})
 

@@ -36,7 +36,7 @@ from vqjax import registry
 from vqjax.checks import check_fields
 from vqjax.errors import ConfigError
 from vqjax.nn.decoders import Decoder
-from vqjax.nn.layers import CHANNEL_AXES, ResBlock, dense, named
+from vqjax.nn.layers import CHANNEL_AXES, ResBlock, dense, named, remat_block
 
 ENHANCE_CHOICES = ("attention", "conv", "none")
 
@@ -114,9 +114,11 @@ PARTITIONS = {"window": (window_partition, window_unpartition),
 # Modules.
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
-  """`nn.LayerNorm` over channels whose scale and bias carry the channel axis name."""
-  return nn.LayerNorm(name=name, scale_init=named(nn.initializers.ones, CHANNEL_AXES),
+def layer_norm(name: str, dtype: jnp.dtype = jnp.float32) -> nn.LayerNorm:
+  """`nn.LayerNorm` over channels whose scale and bias carry the channel axis name; output
+  in `dtype` (its mean and variance are float32 whatever `dtype`)."""
+  return nn.LayerNorm(name=name, dtype=dtype,
+                      scale_init=named(nn.initializers.ones, CHANNEL_AXES),
                       bias_init=named(nn.initializers.zeros, CHANNEL_AXES))
 
 
@@ -142,19 +144,19 @@ class PartitionedAttentionBlock(nn.Module):
       raise ConfigError(f"{self.partition} attention of size {self.size} does not divide the "
                         f"{height}x{width} feature map: choose a divisor of both.")
     split, merge = PARTITIONS[self.partition]
-    y = split(layer_norm("norm1")(x), self.size)
+    y = split(layer_norm("norm1", self.dtype)(x), self.size)
     q, k, v = (dense(c, dtype=self.dtype, name=n)(y) for n in ("q", "k", "v"))
     y = multihead_attention(q, k, v, num_heads(c, self.head_dim))
     y = dense(c, dtype=self.dtype, name="proj")(y)
     x = x + merge(y, self.size, height, width)
     hidden = int(round(self.mlp_ratio * c))
     if hidden:
-      y = dense(hidden, dtype=self.dtype, name="fc1")(layer_norm("norm2")(x))
+      y = dense(hidden, dtype=self.dtype, name="fc1")(layer_norm("norm2", self.dtype)(x))
       x = x + dense(c, dtype=self.dtype, name="fc2")(nn.gelu(y))
     return x
 
 
-@registry.DECODERS.register("seqgan", not_config=("out_channels", "dtype"))
+@registry.DECODERS.register("seqgan", not_config=("out_channels", "dtype", "remat"))
 class SeQGANDecoder(Decoder):
   """The VQGAN decoder plus two blocks per level (`enhance`: 'attention', 'conv' or 'none');
   (h [B, h, w, C], z_q) -> x_hat [B, h f, w f, out_channels], z_q unused."""
@@ -203,13 +205,15 @@ class SeQGANDecoder(Decoder):
   def level_blocks(self, h: jax.Array, level: int) -> jax.Array:
     """The two blocks of up level `level` (see the module docstring)."""
     if self.enhance == "attention":
-      h = PartitionedAttentionBlock("window", self.window_size, self.head_dim, self.mlp_ratio,
-                                    self.dtype, name=f"up{level}_regional")(h)
-      return PartitionedAttentionBlock("grid", self.grid_size, self.head_dim, self.mlp_ratio,
-                                       self.dtype, name=f"up{level}_dilated")(h)
+      block = remat_block(PartitionedAttentionBlock, self.remat)
+      h = block("window", self.window_size, self.head_dim, self.mlp_ratio, self.dtype,
+                name=f"up{level}_regional")(h)
+      return block("grid", self.grid_size, self.head_dim, self.mlp_ratio, self.dtype,
+                   name=f"up{level}_dilated")(h)
     if self.enhance == "conv":
+      res = remat_block(ResBlock, self.remat)
       for i in range(2):
-        h = ResBlock(h.shape[-1], self.norm_groups, self.dtype, name=f"up{level}_conv{i}")(h)
+        h = res(h.shape[-1], self.norm_groups, self.dtype, name=f"up{level}_conv{i}")(h)
       return h
     if self.enhance == "none":
       return h

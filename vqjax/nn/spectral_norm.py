@@ -15,6 +15,10 @@ stored u. u and v are constants for the gradient (stop_gradient), which flows
 through W in sigma (the paper's Eq. 12). u starts as a normalised normal draw.
 Weights start orthogonal on their [out, -1] view (BigGAN-PyTorch's 'ortho',
 torch's `init.orthogonal_`), biases at zero.
+
+The layers compute in their input's dtype (bfloat16 under mixed precision):
+sigma and W / sigma are computed in float32 from the float32 parameters, then
+cast with the bias to x's dtype.
 """
 
 from __future__ import annotations
@@ -113,7 +117,8 @@ class SNConv(nn.Module):
                                        _same_padding(self.kernel_size),
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
-      y = y + self.param("bias", named(nn.initializers.zeros, CHANNEL_AXES), (self.features,))
+      bias = self.param("bias", named(nn.initializers.zeros, CHANNEL_AXES), (self.features,))
+      y = y + bias.astype(y.dtype)
     return y
 
 
@@ -134,8 +139,9 @@ class SNDense(nn.Module):
     kernel = spectral_normalize(self, kernel, -1, DENSE_KERNEL_AXES[1:], update)
     y = x @ kernel.astype(x.dtype)
     if self.use_bias:
-      y = y + self.param("bias", named(nn.initializers.zeros, DENSE_KERNEL_AXES[1:]),
-                         (self.features,))
+      bias = self.param("bias", named(nn.initializers.zeros, DENSE_KERNEL_AXES[1:]),
+                        (self.features,))
+      y = y + bias.astype(y.dtype)
     return y
 
 

@@ -8,6 +8,13 @@ the mesh's `model` axis (`vqjax.core.partitioning.param_shardings`).
 The KV cache is explicit state: `GPT.init_cache` makes it and every call
 that takes it returns the updated one, so decoding is a pure function of
 (params, cache, tokens, index) that `lax.scan` can carry.
+
+`dtype` is the compute dtype (the trainer's `config.precision`): the dense
+layers, attention and the activations between them run in it, while the
+parameters stay float32, LayerNorm statistics and the attention softmax are
+float32 and the logits come out float32 for the loss. `remat='block'`
+(`model.remat`) recomputes every `Block` in the backward pass (`nn.remat`);
+the parameter tree is the same either way.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vqjax.nn.layers import remat_block
 from vqjax.ops import random as random_ops
 
 _NEG = -1e9
@@ -103,8 +111,9 @@ class Attention(nn.Module):
     return y, cache
 
 
-def _layer_norm(name):
-  return nn.LayerNorm(name=name, scale_init=_p(nn.initializers.ones, ("embed",)),
+def _layer_norm(name, dtype=jnp.float32):
+  """LayerNorm with output in `dtype` (its mean and variance are float32 in Flax)."""
+  return nn.LayerNorm(name=name, dtype=dtype, scale_init=_p(nn.initializers.ones, ("embed",)),
                       bias_init=_p(nn.initializers.zeros, ("embed",)))
 
 
@@ -120,10 +129,10 @@ class Block(nn.Module):
   def __call__(self, x, cache=None, index=0, train: bool = False):
     width = x.shape[-1]
     y, cache = Attention(self.heads, width // self.heads, self.causal, self.dropout, self.dtype,
-                         name="attn")(_layer_norm("ln1")(x), cache, index, train)
+                         name="attn")(_layer_norm("ln1", self.dtype)(x), cache, index, train)
     x = x + Dropout(self.dropout, deterministic=not train)(y)
-    y = MLP(width, self.mlp_dim, self.dropout, self.dtype, name="mlp")(_layer_norm("ln2")(x),
-                                                                        train)
+    y = MLP(width, self.mlp_dim, self.dropout, self.dtype,
+            name="mlp")(_layer_norm("ln2", self.dtype)(x), train)
     return x + Dropout(self.dropout, deterministic=not train)(y), cache
 
 
@@ -134,15 +143,17 @@ class Trunk(nn.Module):
   causal: bool = False
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"  # 'block': every Block under nn.remat
 
   @nn.compact
   def __call__(self, x, caches=None, index=0, train: bool = False):
+    block = remat_block(Block, self.remat, static_argnums=(4,))  # (self, x, cache, index, train)
     new_caches = []
     for i in range(self.depth):
-      x, c = Block(self.heads, self.mlp_dim, self.causal, self.dropout, self.dtype,
+      x, c = block(self.heads, self.mlp_dim, self.causal, self.dropout, self.dtype,
                    name=f"block_{i}")(x, None if caches is None else caches[i], index, train)
       new_caches.append(c)
-    return _layer_norm("ln_f")(x), (None if caches is None else new_caches)
+    return _layer_norm("ln_f", self.dtype)(x), (None if caches is None else new_caches)
 
 
 class MaskGITTransformer(nn.Module):
@@ -167,6 +178,7 @@ class MaskGITTransformer(nn.Module):
   mlp_dim: int = 3072
   dropout: float = 0.1
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
 
   @property
   def mask_id(self) -> int:
@@ -208,16 +220,17 @@ class MaskGITTransformer(nn.Module):
         cond = jnp.full((tokens.shape[0], p), self.num_conditions, jnp.int32)
       x = jnp.concatenate([jnp.take(table, self.prefix_ids(cond), axis=0), x], axis=1)
     pos = self.param("pos_embedding", _p(_embed_init, (None, "embed")), (p + self.seq_len, w))
-    x = Dropout(self.dropout, deterministic=not train)(_layer_norm("ln_in")(x + pos))
+    x = Dropout(self.dropout, deterministic=not train)(_layer_norm("ln_in", self.dtype)(x + pos))
     x, _ = Trunk(self.depth, self.heads, self.mlp_dim, False, self.dropout, self.dtype,
-                 name="trunk")(x, train=train)
+                 self.remat, name="trunk")(x, train=train)
     x = x[:, p:]
     h = nn.Dense(w * self.channels, dtype=self.dtype, name="head",
                  kernel_init=_p(_dense_init, ("embed", "mlp")),
                  bias_init=_p(nn.initializers.zeros, ("mlp",)))(x)
-    h = _layer_norm("head_ln")(nn.gelu(h.reshape(h.shape[:2] + (self.channels, w))))
+    h = _layer_norm("head_ln", self.dtype)(nn.gelu(h.reshape(h.shape[:2] + (self.channels, w))))
     bias = self.param("head_bias", _p(nn.initializers.zeros, ("vocab",)), (k,))
-    logits = jnp.einsum("bncw,kw->bnck", h, table[:k].astype(h.dtype)) + bias
+    logits = jnp.einsum("bncw,kw->bnck", h, table[:k].astype(h.dtype)).astype(jnp.float32)
+    logits = logits + bias
     return logits if self.channels > 1 else logits[:, :, 0]
 
 
@@ -241,6 +254,7 @@ class GPT(nn.Module):
   mlp_dim: int = 4096
   dropout: float = 0.1
   dtype: jnp.dtype = jnp.float32
+  remat: str = "none"
 
   @property
   def max_len(self) -> int:
@@ -251,7 +265,8 @@ class GPT(nn.Module):
                                 (self.codebook_size + self.num_conditions + 1, self.width))
     self.pos_embedding = self.param("pos_embedding", _p(_embed_init, (None, "embed")),
                                     (self.max_len, self.width))
-    self.trunk = Trunk(self.depth, self.heads, self.mlp_dim, True, self.dropout, self.dtype)
+    self.trunk = Trunk(self.depth, self.heads, self.mlp_dim, True, self.dropout, self.dtype,
+                       self.remat)
     self.head = nn.Dense(self.codebook_size, use_bias=False, dtype=self.dtype,
                          kernel_init=_p(_dense_init, ("embed", "vocab")))
     self.drop = Dropout(self.dropout)
@@ -266,8 +281,8 @@ class GPT(nn.Module):
     t = ids.shape[1]
     pos = jax.lax.dynamic_slice_in_dim(self.pos_embedding, index, t, axis=0)
     x = self.drop(jnp.take(self.embedding, ids, axis=0) + pos, deterministic=not train)
-    x, cache = self.trunk(x, cache, index, train)
-    return self.head(x), cache
+    x, cache = self.trunk(x.astype(self.dtype), cache, index, train)
+    return self.head(x).astype(jnp.float32), cache
 
   def __call__(self, tokens, cond, train: bool = False):
     """Teacher forcing: [B, N] codes and their condition -> [B, N, K] next-token logits."""
@@ -275,7 +290,10 @@ class GPT(nn.Module):
     logits, _ = self.decode(ids, train=train)
     return logits[:, self.cond_len - 1:]
 
-  def init_cache(self, batch: int, dtype=jnp.float32):
+  def init_cache(self, batch: int, dtype=None):
+    """Zero keys and values of every block [B, max_len, heads, head_dim], in `dtype`
+    (default the compute dtype)."""
+    dtype = self.dtype if dtype is None else dtype
     shape = (batch, self.max_len, self.heads, self.width // self.heads)
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.depth)]
 

@@ -29,7 +29,7 @@ from vqjax.ops.losses import masked_token_loss, smoothed_cross_entropy
 from vqjax.sampling.maskgit import guided_logits
 
 # An objective's fields that the trainer passes itself, so they are not config fields.
-NOT_CONFIG = ("model_config", "token_shape", "codebook_size", "conditions")
+NOT_CONFIG = ("model_config", "token_shape", "codebook_size", "conditions", "dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,18 +108,22 @@ class Objective(abc.ABC):
 
     registry.OBJECTIVES.build(config.model.objective, model_config=config.model,
                               token_shape=store.token_shape, codebook_size=K,
-                              conditions=Conditions(vocab, length))
+                              conditions=Conditions(vocab, length),
+                              dtype=compute_dtype(config.precision))
 
   Its config fields (`config.model.objective`) are the dataclass fields with
   defaults; `model_config` (width, depth, heads, mlp_dim, dropout,
-  cond_dropout), the token shape, the codebook size and the conditions come
-  from the trainer. Subclasses implement `build_model`, `model_condition`,
-  `forward` and `sample`, and declare their capabilities.
+  cond_dropout, remat), the token shape, the codebook size, the conditions
+  and the compute dtype (`dtype`, from `config.precision`) come from the
+  trainer. Subclasses implement `build_model` (passing `dtype` and
+  `model_config.remat` to the model), `model_condition`, `forward` and
+  `sample`, and declare their capabilities.
   """
   model_config: Any
   token_shape: tuple[int, ...]  # one token map: (h, w) or (h, w, c)
   codebook_size: int
   conditions: Conditions
+  dtype: Any = jnp.float32  # the model's compute dtype; parameters and losses stay float32
   label_smoothing: float = 0.0  # of the training cross-entropy (not of validation)
 
   # Capabilities and recipe defaults.
@@ -140,6 +144,12 @@ class Objective(abc.ABC):
     if not 0.0 <= self.label_smoothing < 1.0:
       raise ConfigError(f"model.objective.label_smoothing={self.label_smoothing} must be in "
                         "[0, 1).")
+
+  @property
+  def remat(self) -> str:
+    """`model_config.remat`: 'block' recomputes every transformer block in the backward pass
+    ('none' when the model config has no such field)."""
+    return self.model_config.get("remat", "none")
 
   @property
   def channels(self) -> int:
@@ -168,7 +178,8 @@ class Objective(abc.ABC):
 
   @abc.abstractmethod
   def build_model(self) -> nn.Module:
-    """The Flax model, whose `__call__(tokens, model_condition(cond), train)` gives logits."""
+    """The Flax model, whose `__call__(tokens, model_condition(cond), train)` gives logits
+    (float32)."""
 
   @abc.abstractmethod
   def model_condition(self, cond):
@@ -214,6 +225,39 @@ class Objective(abc.ABC):
       cond = self.conditions.drop(r_cond, cond, self.model_config.cond_dropout)
     logits, weights = self.forward(params, tokens, cond, r_mask, r_dropout, train)
     return masked_token_loss(logits, tokens, weights, self.label_smoothing)
+
+  # Gradient accumulation (config.train.grad_accum, vqjax.train.transformer_step): `loss`
+  # in parts that add up over micro-batches. The random draws of the whole batch come
+  # first, so micro-batches see the big batch's masks and condition dropout.
+
+  def training_weights(self, mask_rng, tokens):
+    """The weights `forward` gives `tokens` ([B, N(, c)] bool, True = the loss counts the
+    entry), drawn from `mask_rng`; every entry by default."""
+    del mask_rng
+    return jnp.ones(tokens.shape, bool)
+
+  def weighted_logits(self, params, tokens, cond, weights, dropout_rng, train: bool):
+    """`forward`'s logits given its weights (`training_weights`); by default the model's
+    logits of `tokens`. An objective whose weights change its input overrides this."""
+    del weights
+    return self.logits(params, tokens, cond, train, {"dropout": dropout_rng})
+
+  def training_draws(self, tokens, cond, rng):
+    """`loss`'s random draws in training for a whole batch: (the condition ids after
+    condition dropout, the weights [B, N(, c)], the dropout rng)."""
+    r_mask, r_dropout, r_cond = jax.random.split(rng, 3)
+    cond = self.conditions.drop(r_cond, cond, self.model_config.cond_dropout)
+    return cond, self.training_weights(r_mask, tokens), r_dropout
+
+  def loss_sums(self, params, tokens, cond, weights, dropout_rng, train: bool = True):
+    """(sum of the smoothed cross-entropy over the weighted entries, sum of their correct
+    top-1), given `training_draws`' condition ids and weights of these rows: divided by the
+    whole batch's weight sum, they add up over micro-batches to `loss`. The model's dropout
+    draws from `dropout_rng` (per micro-batch: its own draws, from the same distribution)."""
+    logits = self.weighted_logits(params, tokens, cond, weights, dropout_rng, train)
+    w = weights.astype(jnp.float32)
+    nll = smoothed_cross_entropy(logits, tokens, self.label_smoothing)
+    return jnp.sum(nll * w), jnp.sum((jnp.argmax(logits, -1) == tokens) * w)
 
   def eval_sums(self, params, tokens, cond, valid, rng) -> dict:
     """Sums of unsmoothed NLL, correct top-1 and counted entries; `valid` [B] marks real rows.

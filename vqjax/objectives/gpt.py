@@ -84,7 +84,8 @@ class NextToken(Objective):
     return GPT(codebook_size=self.codebook_size, seq_len=self.seq_len,
                num_conditions=c.vocab if c.conditional else 0,
                cond_len=c.length if c.conditional else 1, width=m.width, depth=m.depth,
-               heads=m.heads, mlp_dim=m.mlp_dim, dropout=m.dropout)
+               heads=m.heads, mlp_dim=m.mlp_dim, dropout=m.dropout, dtype=self.dtype,
+               remat=self.remat)
 
   def model_condition(self, cond):
     """The prefix's condition ids [B, L]; unconditional: the "no condition" start id [B, 1]."""

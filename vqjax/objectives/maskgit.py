@@ -46,16 +46,25 @@ class MaskGIT(Objective):
     return MaskGITTransformer(
         codebook_size=self.codebook_size, seq_len=self.seq_len, channels=self.channels,
         num_conditions=c.vocab if c.conditional else 0, cond_len=c.length if c.conditional else 0,
-        width=m.width, depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, dropout=m.dropout)
+        width=m.width, depth=m.depth, heads=m.heads, mlp_dim=m.mlp_dim, dropout=m.dropout,
+        dtype=self.dtype, remat=self.remat)
 
   def model_condition(self, cond):
     return cond if self.conditions.conditional else None
 
   def forward(self, params, tokens, cond, mask_rng, dropout_rng, train: bool):
     """Logits of the tokens with a training mask drawn from `mask_rng`; weights = the mask."""
-    mask = maskgit.training_mask(mask_rng, tokens.shape)
-    inputs = jnp.where(mask, self.model.mask_id, tokens)
-    return self.logits(params, inputs, cond, train, {"dropout": dropout_rng}), mask
+    mask = self.training_weights(mask_rng, tokens)
+    return self.weighted_logits(params, tokens, cond, mask, dropout_rng, train), mask
+
+  def training_weights(self, mask_rng, tokens):
+    """The training mask (True = masked, counted by the loss)."""
+    return maskgit.training_mask(mask_rng, tokens.shape)
+
+  def weighted_logits(self, params, tokens, cond, weights, dropout_rng, train: bool):
+    """Logits of the tokens with the masked entries (`weights`) replaced by the mask token."""
+    inputs = jnp.where(weights, self.model.mask_id, tokens)
+    return self.logits(params, inputs, cond, train, {"dropout": dropout_rng})
 
   def sample(self, params, cond, rng, sample_config):
     s, mask_id = sample_config, self.model.mask_id

@@ -73,8 +73,21 @@ def ema_update(
   Returns:
     (new cluster_size, new embed_sum, new codebook).
   """
-  counts = jnp.sum(onehot, axis=0)
-  sums = onehot.T @ z_flat
+  counts, sums = batch_sums(z_flat, onehot)
+  return ema_from_sums(cluster_size, embed_sum, counts, sums, decay, epsilon)
+
+
+def batch_sums(z_flat: jax.Array, onehot: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The statistics an EMA codebook or dictionary update adds up over a batch: the counts
+  n_k = sum_i onehot_ik [K] and the sums sum_i onehot_ik z_i [K, d]. Both add over
+  micro-batches, so accumulated ones give the update of their union (`ema_from_sums`)."""
+  return jnp.sum(onehot, axis=0), onehot.T @ z_flat
+
+
+def ema_from_sums(cluster_size: jax.Array, embed_sum: jax.Array, counts: jax.Array,
+                  sums: jax.Array, decay: float,
+                  epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`ema_update` given the batch's `batch_sums` (counts [K], sums [K, d])."""
   cluster_size = decay * cluster_size + (1.0 - decay) * counts
   embed_sum = decay * embed_sum + (1.0 - decay) * sums
   total = jnp.sum(cluster_size)
@@ -186,8 +199,16 @@ def dictionary_ema_update(
   Args: cluster_size N [K]; embed_sum m [K, C]; dictionary e [K, C];
     h_flat [N, C]; onehot [N, K].
   """
-  cluster_size = decay * cluster_size + (1.0 - decay) * jnp.sum(onehot, axis=0)
-  embed_sum = decay * embed_sum + (1.0 - decay) * (onehot.T @ h_flat)
+  counts, sums = batch_sums(h_flat, onehot)
+  return dictionary_ema_from_sums(cluster_size, embed_sum, dictionary, counts, sums, decay)
+
+
+def dictionary_ema_from_sums(cluster_size: jax.Array, embed_sum: jax.Array,
+                             dictionary: jax.Array, counts: jax.Array, sums: jax.Array,
+                             decay: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`dictionary_ema_update` given the batch's `batch_sums` (counts [K], sums [K, C])."""
+  cluster_size = decay * cluster_size + (1.0 - decay) * counts
+  embed_sum = decay * embed_sum + (1.0 - decay) * sums
   used = cluster_size > 0
   safe = jnp.where(used, cluster_size, 1.0)
   dictionary = jnp.where(used[:, None], embed_sum / safe[:, None], dictionary)

@@ -43,13 +43,21 @@ from vqjax import registry
 from vqjax.checks import check_table
 from vqjax.console import console
 from vqjax.core import checkpoint, partitioning, trees
-from vqjax.core.partitioning import check_batch_split, param_shardings, validate_mesh
+from vqjax.core.partitioning import (
+  check_batch_split,
+  check_grad_accum,
+  param_shardings,
+  validate_mesh,
+)
 from vqjax.core.writers import make_writer, write_images
 from vqjax.data.pipeline import train_dataset
 from vqjax.data.sources import validate_data_config
 from vqjax.errors import ConfigError
 from vqjax.eval.settings import validate_fid_settings
+from vqjax.nn.layers import PRECISIONS, REMAT_CHOICES, compute_dtype
+from vqjax.nn.quantizers import STAT_SUMS
 from vqjax.ops.images import to_uint8
+from vqjax.train import accumulate
 from vqjax.train.loop import StopRequest, TrainRun, every, validate_guards
 
 sg = jax.lax.stop_gradient
@@ -81,10 +89,17 @@ class GANModels:
 
 
 def build_models(config) -> GANModels:
+  """G and D compute in `config.precision`'s dtype and rematerialise their residual blocks
+  with `model.remat` (where they take these fields); parameters and optimisers stay float32."""
   o = config.optim
-  generator = registry.GENERATORS.build(config.model.generator)
+  fields = {"dtype": compute_dtype(config.precision), "remat": config.model.remat}
+  g_cfg, d_cfg = config.model.generator, config.disc
+  generator = registry.GENERATORS.build(
+      g_cfg, **registry.GENERATORS.trainer_fields(g_cfg.name, **fields))
   return GANModels(
-      generator=generator, disc=registry.DISCRIMINATORS.build(config.disc),
+      generator=generator,
+      disc=registry.DISCRIMINATORS.build(
+          d_cfg, **registry.DISCRIMINATORS.trainer_fields(d_cfg.name, **fields)),
       gan=registry.GAN_LOSSES.build(config.loss.gan),
       g_tx=optax.adam(o.g_lr, b1=o.b1, b2=o.b2, eps=o.eps),
       d_tx=optax.adam(o.d_lr, b1=o.b1, b2=o.b2, eps=o.eps),
@@ -124,6 +139,17 @@ def discriminate(models: GANModels, params, stats, x, y, update: bool):
   return logits, extra, mutated.get("disc_stats", stats)
 
 
+def discriminate_summed(models: GANModels, params, stats, sums, x, y):
+  """`discriminate` with update=True under gradient accumulation: (logits, extra losses, D's
+  statistics, summed statistics); `sums` are those of the micro-batches before this one
+  ({} on the first), which D's FQ dictionaries add theirs to (`vqjax.nn.quantizers`)."""
+  variables = {**_vars(params, stats, "disc_stats"), **({STAT_SUMS: sums} if sums else {})}
+  (logits, extra), mutated = models.disc.apply(variables, x, train=True,
+                                               labels=_labels(models, y),
+                                               mutable=["disc_stats", STAT_SUMS])
+  return logits, extra, mutated.get("disc_stats", stats), mutated.get(STAT_SUMS, {})
+
+
 def init_boxed_state(models: GANModels, config, rng: jax.Array) -> GANState:
   s = config.data.image_size
   k_g, k_d, k_train = jax.random.split(rng, 3)
@@ -157,9 +183,23 @@ def ema_update(ema, new, decay):
   return jax.tree.map(mix, ema, new)
 
 
-def make_train_step(models: GANModels, config):
-  """(state, batch) -> (state, metrics); `batch` holds n_critic x batch_size real images."""
+def make_train_step(models: GANModels, config, loop: str = "auto"):
+  """(state, batch) -> (state, metrics); `batch` holds n_critic x batch_size real images.
+
+  `config.train.grad_accum` = a > 1: each D update and the G update accumulate a
+  micro-batches of batch_size / a (`vqjax.train.accumulate`, whose `loop` runs them). The
+  noise and classes of an update are drawn for the whole batch and split, so micro-batches
+  see the big batch's draws; gradients, losses and metrics are their means, D's FQ
+  dictionaries one update from the statistics of all of them and its spectral-norm vectors
+  advance once per D update (every micro-batch starts from the update's statistics; the
+  last one's are kept). G's BatchNorm normalises each micro-batch with its own moments, as
+  accumulation in other frameworks does, so the fakes (and the step) are not the big
+  batch's; G's statistics after an update are the mean over its micro-batches (running
+  moments: the mean of the micro-batches' updates; spectral-norm vectors: advanced once).
+  The EMA of G follows once per G step.
+  """
   b, k = config.train.batch_size, config.train.n_critic
+  acc = config.train.get("grad_accum", 1)
   classes = max(models.num_classes, 1)
   ema_decay, ema_start = config.ema.decay, config.ema.start
 
@@ -197,6 +237,45 @@ def make_train_step(models: GANModels, config):
       return (optax.apply_updates(d_params, updates), opt_state, stats, g_stats,
               finite), metrics
 
+    def d_update_accumulated(carry, inputs):
+      """`d_update` over `acc` micro-batches of the real batch and of the noise."""
+      d_params, d_opt_state, d_stats, g_stats, finite = carry
+      x_real, y_real, d_key = inputs
+      z, y_fake = noise(d_key)  # the whole batch's draws
+      xs = accumulate.split((x_real, y_real, z, y_fake), acc)
+      m = b // acc
+
+      def micro(j, inputs, carry):
+        x_j, y_j, z_j, y_fake_j = inputs
+        fake, g_stats_j = generate(models, state.g_params, g_stats, z_j, y_fake_j, train=True)
+
+        def d_loss_fn(params):
+          logits, extra, stats, sums = discriminate_summed(
+              models, params, d_stats, carry[0], jnp.concatenate([sg(fake), x_j]),
+              jnp.concatenate([y_fake_j, y_j]))
+          d_loss = models.gan.d_loss(logits[m:], logits[:m])
+          total = d_loss + sum(extra.values(), jnp.zeros((), jnp.float32))
+          return total, (stats, sums, d_loss, extra, logits)
+
+        (total, (stats, sums, d_loss, extra, logits)), grads = jax.value_and_grad(
+            d_loss_fn, has_aux=True)(d_params)
+        metrics = {"loss/d": d_loss, "logits/real": jnp.mean(logits[m:]),
+                   "logits/fake": jnp.mean(logits[:m]),
+                   **{f"loss/{name}": v for name, v in extra.items()}}
+        return ({"total": total, "grads": grads, "g_stats": g_stats_j, "metrics": metrics},
+                (sums, stats))
+
+      x0 = jax.tree.map(lambda v: v[0], xs)
+      sums = accumulate.zeros_like(jax.eval_shape(lambda: discriminate_summed(
+          models, d_params, d_stats, {}, jnp.concatenate([x0[0], x0[0]]),
+          jnp.concatenate([x0[1], x0[1]]))[3]))
+      total, (_, d_stats) = accumulate.accumulate(micro, xs, (sums, d_stats), loop)
+      mean = accumulate.mean(total, acc)
+      updates, opt_state = models.d_tx.update(mean["grads"], d_opt_state, d_params)
+      finite = finite & trees.all_finite(mean["total"], mean["grads"])
+      return (optax.apply_updates(d_params, updates), opt_state, d_stats, mean["g_stats"],
+              finite), mean["metrics"]
+
     # A Python loop rather than lax.scan: XLA's cost analysis (benchmarks/mfu.py) counts a
     # scan's body once, and n_critic is small.
     d_keys = jax.random.split(jax.random.fold_in(key, 0), k)
@@ -204,19 +283,30 @@ def make_train_step(models: GANModels, config):
              jnp.asarray(True))
     per_step = []
     for i in range(k):
-      carry, metrics_i = d_update(carry, (x[i], y[i], d_keys[i]))
+      carry, metrics_i = (d_update if acc == 1 else d_update_accumulated)(
+          carry, (x[i], y[i], d_keys[i]))
       per_step.append(metrics_i)
     d_params, d_opt_state, d_stats, g_stats, finite = carry
     d_metrics = jax.tree.map(lambda *v: jnp.stack(v), *per_step)
 
     z, y_fake = noise(jax.random.fold_in(key, 1))
 
-    def g_loss_fn(params):
+    def g_loss_fn(params, z=z, y_fake=y_fake):
       fake, stats = generate(models, params, g_stats, z, y_fake, train=True)
       logits, _, _ = discriminate(models, d_params, d_stats, fake, y_fake, update=False)
       return models.gan.g_loss(logits), stats
 
-    (g_loss, g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g_params)
+    if acc == 1:
+      (g_loss, g_stats), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g_params)
+    else:  # the G update over `acc` micro-batches of the noise
+      def g_micro(j, inputs, carry):
+        (loss, stats), grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g_params,
+                                                                           *inputs)
+        return {"g_loss": loss, "grads": grads, "g_stats": stats}, carry
+
+      total, _ = accumulate.accumulate(g_micro, accumulate.split((z, y_fake), acc), (), loop)
+      mean = accumulate.mean(total, acc)
+      g_loss, g_stats, g_grads = mean["g_loss"], mean["g_stats"], mean["grads"]
     updates, g_opt_state = models.g_tx.update(g_grads, state.g_opt_state, state.g_params)
     g_params = optax.apply_updates(state.g_params, updates)
     finite = finite & trees.all_finite(g_loss, g_grads)
@@ -290,7 +380,7 @@ class Sampler:
   def images(self, params, stats, labels, seed: int, index: int) -> np.ndarray:
     z = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), index),
                           (len(labels), self.models.dim_z))
-    return np.asarray(jax.device_get(self._draw(params, stats, z, jnp.asarray(labels))))
+    return partitioning.fetch(self._draw(params, stats, z, jnp.asarray(labels)))
 
   def batches(self, params, stats, num: int, batch_size: int, seed: int):
     """Yields (images [B, H, W, 3] in [-1, 1], labels [B], valid) until `num` images."""
@@ -334,8 +424,8 @@ def class_grid(sampler: Sampler, state: GANState, config) -> np.ndarray:
   labels = np.repeat(np.arange(rows, dtype=np.int32), cols)
   z_rows = np.tile(np.arange(cols), rows)
   z = jax.random.normal(jax.random.PRNGKey(config.seed + 7), (cols, sampler.models.dim_z))
-  images = np.asarray(jax.device_get(sampler._draw(state.ema_params, state.ema_stats,
-                                                   z[z_rows], jnp.asarray(labels))))
+  images = partitioning.fetch(sampler._draw(state.ema_params, state.ema_stats, z[z_rows],
+                                            jnp.asarray(labels)))
   s = images.shape[1]
   grid = to_uint8(images).reshape(rows, cols, s, s, 3).transpose(0, 2, 1, 3, 4)
   return grid.reshape(rows * s, cols * s, 3)
@@ -423,6 +513,7 @@ def sample(config, workdir: str) -> str:
 
 
 GAN_RULES = {
+    "": {"precision": tuple(PRECISIONS)},
     "train": {"steps": ">=1", "epochs": ">=0", "batch_size": ">=1", "n_critic": ">=1",
               "log_every": ">=1", "image_every": ">=0", "checkpoint_every": ">=1",
               "keep_checkpoints": ">=1", "max_consecutive_nonfinite": ">=1"},
@@ -432,7 +523,7 @@ GAN_RULES = {
              "reference_examples": ">=0", "checkpoint_step": ">=-1"},
     "sample": {"num_images": ">=1", "batch_size": ">=1", "grid_classes": ">=1",
                "grid_per_class": ">=1", "bn_stats": ("batch", "running")},
-    "model": {"num_classes": ">=0"},
+    "model": {"num_classes": ">=0", "remat": REMAT_CHOICES},
 }
 
 
@@ -460,6 +551,7 @@ def validate_gan_config(c: ml_collections.ConfigDict, num_devices: int,
   validate_mesh(c)
   check_batch_split(c, num_devices, process_count,
                     ("train.batch_size", "eval.batch_size", "sample.batch_size"))
+  check_grad_accum(c, num_devices, process_count)
 
 
 def check_data_classes(c) -> None:

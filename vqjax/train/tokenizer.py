@@ -22,17 +22,25 @@ import optax
 from vqjax import registry
 from vqjax.checks import check_table
 from vqjax.core import trees
-from vqjax.core.partitioning import check_batch_split, param_shardings, validate_mesh
+from vqjax.core.partitioning import (
+  check_batch_split,
+  check_grad_accum,
+  param_shardings,
+  validate_mesh,
+)
 from vqjax.data.sources import validate_data_config
 from vqjax.errors import ConfigError
 from vqjax.eval.settings import validate_fid_settings
 from vqjax.losses import gan as gan_lib
 from vqjax.losses.adaptive import last_layer_grad
 from vqjax.losses.terms import build_terms, total_loss
+from vqjax.nn.layers import PRECISIONS, REMAT_CHOICES, compute_dtype
+from vqjax.nn.quantizers import STAT_SUMS
 from vqjax.nn.vgg import LPIPS
 from vqjax.nn.vqgan import VQGAN
 from vqjax.ops import losses
 from vqjax.ops.metrics import psnr, ssim
+from vqjax.train import accumulate
 from vqjax.train.state import TokenizerState
 
 sg = jax.lax.stop_gradient
@@ -67,10 +75,16 @@ def make_optimizer(o, lr: float, steps: int, frozen: tuple[str, ...] = ()):
 
 
 def build_models(config) -> TokenizerModels:
+  """The tokenizer's models: the VQGAN and discriminator compute in `config.precision`'s
+  dtype (`model.remat` recomputes the encoder's and decoder's blocks); the loss networks,
+  the quantiser and the optimisers stay float32."""
   o = config.optim
+  dtype = compute_dtype(config.precision)
+  disc_fields = registry.DISCRIMINATORS.trainer_fields(config.disc.name, dtype=dtype,
+                                                       remat=config.model.remat)
   return TokenizerModels(
-      vqgan=VQGAN(config.model),
-      disc=registry.DISCRIMINATORS.build(config.disc),
+      vqgan=VQGAN(config.model, dtype=dtype),
+      disc=registry.DISCRIMINATORS.build(config.disc, **disc_fields),
       terms=build_terms(config.loss.terms),
       gan=registry.GAN_LOSSES.build(config.loss.gan),
       lpips=LPIPS(),
@@ -130,7 +144,7 @@ def init_boxed_state(models: TokenizerModels, config, rng: jax.Array) -> Tokeniz
       rng=k_train)
 
 
-def make_train_step(models: TokenizerModels, config, gan: bool = True):
+def make_train_step(models: TokenizerModels, config, gan: bool = True, loop: str = "auto"):
   """(state, batch, term_params) -> (state, metrics). Pure; jit it with shardings.
 
   `gan=True` is the step from `loss.disc_start` on (adversarial term and
@@ -140,12 +154,17 @@ def make_train_step(models: TokenizerModels, config, gan: bool = True):
   discriminator would keep both in one program, but XLA on CPU then compiles
   the convolutions inside the branch as slow loops (about 17x slower).
   `term_params` maps a loss-term label to its fixed network's parameters.
+
+  `config.train.grad_accum` = k > 1 accumulates k micro-batches per update
+  (`make_accumulated_step`, with the micro-batch `loop` of `vqjax.train.accumulate`).
   """
+  if config.train.get("grad_accum", 1) > 1:
+    return make_accumulated_step(models, config, gan, loop)
   lc = config.loss
-  frozen = tuple(config.optim.frozen)
   decoder_cfg = config.model.decoder
   last_name = registry.DECODERS.get(decoder_cfg.name).LAST_LAYER
   last_layer = registry.DECODERS.build(decoder_cfg, out_channels=3).last_layer()
+  finish = _finish_step(models, config)
 
   def train_step(state: TokenizerState, batch: dict, term_params) -> tuple[TokenizerState, dict]:
     x = batch["image"]
@@ -186,6 +205,19 @@ def make_train_step(models: TokenizerModels, config, gan: bool = True):
       disc_out = disc_idle(state, d_update)
     total = rec + lc.codebook_weight * quant + lc.disc_weight * weight * g_loss
     (grads,) = pullback((g_out, jnp.asarray(lc.codebook_weight, quant.dtype)))
+    return finish(state, grads, vq_stats, disc_out, total, g_loss, weight, rec_metrics,
+                  q.losses, q.metrics)
+
+  return train_step
+
+
+def _finish_step(models: TokenizerModels, config):
+  """The end of a train step, once the gradients are known: the optimiser update (frozen
+  paths kept bitwise), the skip of a non-finite step, the new state and the metrics."""
+  frozen = tuple(config.optim.frozen)
+
+  def finish(state, grads, vq_stats, disc_out, total, g_loss, weight, rec_metrics, q_losses,
+             q_metrics):
     updates, opt_state = models.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if frozen:  # bitwise: p + 0 can flip the sign of a zero
@@ -210,10 +242,139 @@ def make_train_step(models: TokenizerModels, config, gan: bool = True):
         "nonfinite": 1.0 - finite.astype(jnp.float32),
         **{f"loss/{k}": v for k, v in rec_metrics.items()},
         **d_metrics,
-        **{f"loss/{k}": v for k, v in q.losses.items()},
-        **{f"vq/{k}": v for k, v in q.metrics.items()},
+        **{f"loss/{k}": v for k, v in q_losses.items()},
+        **{f"vq/{k}": v for k, v in q_metrics.items()},
     }
     return new_state, metrics
+
+  return finish
+
+
+def make_accumulated_step(models: TokenizerModels, config, gan: bool = True,
+                          loop: str = "auto"):
+  """`make_train_step` with `config.train.grad_accum` = k > 1 micro-batches per update.
+
+  The batch is split into k micro-batches (`vqjax.train.accumulate.split`); each runs the
+  generator forward, the loss networks and the discriminator on its own rows, and one
+  update follows from what they add up to, so that it equals the step on the whole batch
+  up to float rounding (tests/test_grad_accum.py):
+
+  * The adaptive weight is a nonlinear function of the whole batch's last-layer gradients,
+    known only after the last micro-batch. Each micro-batch therefore pulls the
+    reconstruction cotangent (with the codebook loss) and the GAN cotangent back through
+    the generator separately (two backward passes instead of one), and adds them up
+    separately, together with the last-layer gradients of each. After the loop, the
+    weight lambda comes from the summed last-layer gradients and the parameters' gradient
+    is G_rec + disc_weight * lambda * G_gan, as the big batch's.
+  * Every loss is a mean over the batch, so means over micro-batches equal it: gradients,
+    losses, metrics, R1 and LeCam (its anchors' EMA too) are averaged.
+  * Codebook statistics (EMA codebooks, FQ dictionaries in the discriminator) add up over
+    the micro-batches (`vqjax.nn.quantizers` docstring): every micro-batch starts from the
+    step's state, and the state after the last is one update from the whole batch.
+  * The discriminator updates its statistics on the real images, then on the fakes with
+    the statistics after the real pass. When it has FQ dictionaries, the real images of
+    all micro-batches first run through it forward only, so that every fake pass sees the
+    dictionaries after the whole batch's real pass (one more forward pass of D on the
+    reals); spectral-norm vectors advance once per update, as in the big batch.
+
+  Not equal to the big batch: batch statistics inside the networks (the PatchGAN's
+  BatchNorm normalises each micro-batch with its own moments, as accumulation in other
+  frameworks does), losses that compare the examples of a batch (Reg-VQ's contrastive
+  terms, SeQ-GAN's entropy of the mean code assignment), and random draws inside the
+  models: stochastic quantisers, sampled loss terms and dead-code restarts draw per
+  micro-batch (keys folded with its index), from the same distributions; k-means
+  initialisation runs on each micro-batch on the first step, and the last one is kept.
+  Metrics that are not means (codebook usage, perplexity) are averaged over micro-batches.
+  """
+  lc = config.loss
+  k = config.train.grad_accum
+  decoder_cfg = config.model.decoder
+  last_name = registry.DECODERS.get(decoder_cfg.name).LAST_LAYER
+  last_layer = registry.DECODERS.build(decoder_cfg, out_channels=3).last_layer()
+  finish = _finish_step(models, config)
+  with_sums = lambda vars_, sums: {**vars_, **({STAT_SUMS: sums} if sums else {})}
+
+  def train_step(state: TokenizerState, batch: dict, term_params) -> tuple[TokenizerState, dict]:
+    xs = accumulate.split(batch["image"], k)
+    step_key = jax.random.fold_in(state.rng, state.step)  # quantiser noise, masks, restarts
+    terms_key = jax.random.fold_in(step_key, 1)  # sampled loss terms
+    cw = jnp.asarray(lc.codebook_weight, jnp.float32)
+    disc_vars = variables(state.disc_params, state.disc_stats, "disc_stats")
+
+    def generator(params, x, j, sums):
+      (x_hat, q), mutated = models.vqgan.apply(
+          with_sums(variables(params, state.vq_stats, "vq_stats"), sums), x, train=True,
+          mutable=["vq_stats", "intermediates", STAT_SUMS],
+          rngs={"quantizer": jax.random.fold_in(step_key, j)})
+      features = mutated["intermediates"]["decoder"]["last_features"][0]
+      quant = sum(q.losses.values())
+      return (x_hat, quant), (q, features, mutated.get("vq_stats", {}),
+                              mutated.get(STAT_SUMS, {}))
+
+    def disc_real_pass(sums, x):
+      """D's statistics and summed statistics after its real pass over `x`."""
+      _, mutated = models.disc.apply(with_sums(disc_vars, sums), x, train=True,
+                                     mutable=["disc_stats", STAT_SUMS])
+      return mutated.get("disc_stats", state.disc_stats), mutated.get(STAT_SUMS, {})
+
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    vq_sums = accumulate.zeros_like(jax.eval_shape(
+        lambda p: generator(p, x0, 0, {})[1][3], state.params))
+    d_sums = (accumulate.zeros_like(jax.eval_shape(lambda: disc_real_pass({}, x0)[1]))
+              if gan else {})
+    fake_stats = None
+    if d_sums:  # statistics summed over the batch (FQ): the whole real pass first
+      def real_pass(j, x, carry):
+        stats, sums = disc_real_pass(carry[1], x)
+        return {}, (stats, sums)
+
+      _, (fake_stats, _) = accumulate.accumulate(real_pass, xs, (state.disc_stats, d_sums),
+                                                 loop)
+
+    def micro(j, x, carry):
+      vq_sums, vq_stats, d_sums, d_stats = carry
+      (x_hat, quant), pullback, (q, features, vq_stats, vq_sums) = jax.vjp(
+          lambda p: generator(p, x, j, vq_sums), state.params, has_aux=True)
+      (rec, rec_metrics), g_rec = jax.value_and_grad(
+          lambda o: total_loss(models.terms, term_params, x, o, q,
+                               jax.random.fold_in(terms_key, j)), has_aux=True)(x_hat)
+      (grads_rec,) = pullback((g_rec, cw.astype(quant.dtype)))
+      out = {"rec": rec, "quant": quant, "rec_metrics": rec_metrics, "q_losses": q.losses,
+             "q_metrics": q.metrics, "grads_rec": grads_rec}
+      if gan:
+        g_loss, g_gan = jax.value_and_grad(
+            lambda o: models.gan.g_loss(models.disc.apply(disc_vars, o, train=True)[0]))(x_hat)
+        (grads_gan,) = pullback((g_gan, jnp.zeros((), quant.dtype)))
+        last_params = state.params["decoder"][last_name]
+        disc_loss = make_disc_loss(models, config, state, x, sg(x_hat), fake_stats, d_sums)
+        (d_loss, (d_metrics, d_stats, loss_stats, d_sums)), d_grads = jax.value_and_grad(
+            disc_loss, has_aux=True)(state.disc_params)
+        out.update(g_loss=g_loss, grads_gan=grads_gan,
+                   last_rec=last_layer_grad(last_layer, g_rec, features, last_params),
+                   last_gan=last_layer_grad(last_layer, g_gan, features, last_params),
+                   d_loss=d_loss, d_metrics=d_metrics, d_grads=d_grads, loss_stats=loss_stats)
+      return out, (vq_sums, vq_stats, d_sums, d_stats)
+
+    sums, (_, vq_stats, _, d_stats) = accumulate.accumulate(
+        micro, xs, (vq_sums, state.vq_stats, d_sums, state.disc_stats), loop)
+    m = accumulate.mean(sums, k)
+    if gan:
+      weight = losses.adaptive_weight(m["last_rec"], m["last_gan"], lc.adaptive_weight_max)
+      grads = jax.tree.map(lambda r, g: r + lc.disc_weight * weight * g, m["grads_rec"],
+                           m["grads_gan"])
+      g_loss, d_grads = m["g_loss"], m["d_grads"]
+      d_updates, d_opt = models.disc_tx.update(d_grads, state.disc_opt_state,
+                                               state.disc_params)
+      disc_out = (optax.apply_updates(state.disc_params, d_updates), d_opt, d_stats,
+                  m["loss_stats"] if lc.lecam_weight > 0 else state.loss_stats, m["d_loss"],
+                  m["d_metrics"], d_grads)
+    else:
+      weight = g_loss = jnp.zeros((), m["rec"].dtype)
+      grads = m["grads_rec"]
+      disc_out = disc_idle(state, make_disc_update(models, config, state, x0, x0))
+    total = m["rec"] + lc.codebook_weight * m["quant"] + lc.disc_weight * weight * g_loss
+    return finish(state, grads, vq_stats, disc_out, total, g_loss, weight, m["rec_metrics"],
+                  m["q_losses"], m["q_metrics"])
 
   return train_step
 
@@ -235,18 +396,29 @@ class PhasedStep:
     return (self.gan if use_gan else self.plain)(state, batch, term_params)
 
 
-def make_disc_update(models: TokenizerModels, config, state: TokenizerState, x, x_fake):
-  """The discriminator's update as a thunk (run from `disc_start` on)."""
+def make_disc_loss(models: TokenizerModels, config, state: TokenizerState, x, x_fake,
+                   fake_stats=None, sums=None):
+  """dp -> (D's loss, (metrics, its statistics after the step, loss_stats, summed
+  statistics)): a real pass from the state's statistics, then a fake pass from those after
+  it. With gradient accumulation, `fake_stats` (when not None) are the statistics the fake
+  pass starts from instead (those after every micro-batch's real pass), and `sums` (when not
+  None) the statistics summed over the micro-batches before this one, which the fake pass
+  adds its own to (`vqjax.nn.quantizers.STAT_SUMS`)."""
   lc = config.loss
 
   def disc_loss(dp):
     stats = state.disc_stats
     (real, extra_real), mutated = models.disc.apply(
         variables(dp, stats, "disc_stats"), x, train=True, mutable=["disc_stats"])
+    stats = mutated.get("disc_stats", stats) if fake_stats is None else fake_stats
+    fake_vars, mutable = variables(dp, stats, "disc_stats"), ["disc_stats"]
+    if sums is not None:
+      fake_vars, mutable = {**fake_vars, **({STAT_SUMS: sums} if sums else {})}, [
+          "disc_stats", STAT_SUMS]
+    (fake, extra_fake), mutated = models.disc.apply(fake_vars, x_fake, train=True,
+                                                    mutable=mutable)
     stats = mutated.get("disc_stats", stats)
-    (fake, extra_fake), mutated = models.disc.apply(
-        variables(dp, stats, "disc_stats"), x_fake, train=True, mutable=["disc_stats"])
-    stats = mutated.get("disc_stats", stats)
+    new_sums = mutated.get(STAT_SUMS, sums) if sums is not None else None
     loss = models.gan.d_loss(real, fake) + sum(extra_real.values()) + sum(extra_fake.values())
     metrics = {"logits/real": jnp.mean(real), "logits/fake": jnp.mean(fake),
                **{f"loss/d_{k}": v for k, v in extra_real.items()}}
@@ -260,10 +432,17 @@ def make_disc_update(models: TokenizerModels, config, state: TokenizerState, x, 
                                     state.loss_stats["fake"])
       loss, metrics["loss/lecam"] = loss + lc.lecam_weight * lecam, lecam
       loss_stats = gan_lib.lecam_ema(state.loss_stats, sg(real), sg(fake), lc.lecam_decay)
-    return loss, (metrics, stats, loss_stats)
+    return loss, (metrics, stats, loss_stats, new_sums)
+
+  return disc_loss
+
+
+def make_disc_update(models: TokenizerModels, config, state: TokenizerState, x, x_fake):
+  """The discriminator's update as a thunk (run from `disc_start` on)."""
+  disc_loss = make_disc_loss(models, config, state, x, x_fake)
 
   def update():
-    (d_loss, (metrics, stats, loss_stats)), d_grads = jax.value_and_grad(
+    (d_loss, (metrics, stats, loss_stats, _)), d_grads = jax.value_and_grad(
         disc_loss, has_aux=True)(state.disc_params)
     d_updates, d_opt = models.disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
     params = optax.apply_updates(state.disc_params, d_updates)
@@ -308,6 +487,7 @@ def make_eval_step(models: TokenizerModels, config):
 # (registry `check_config`), the data fields are checked in vqjax/data/sources.py, the FID
 # fields in vqjax/eval/settings.py.
 TOKENIZER_RULES = {
+    "": {"precision": tuple(PRECISIONS)},
     "train": {"steps": ">=1", "epochs": ">=0", "batch_size": ">=1", "log_every": ">=1",
               "image_every": ">=0",  # 0 = only at the last step
               "checkpoint_every": ">=1", "keep_checkpoints": ">=1",
@@ -315,7 +495,7 @@ TOKENIZER_RULES = {
     "eval": {"every_steps": ">=0",  # 0 = only at the last step
              "batch_size": ">=1", "max_examples": ">=0", "checkpoint_step": ">=-1"},
     "tokenize": {"batch_size": ">=1", "max_examples": ">=0", "shard_size": ">=1"},
-    "model": {"z_channels": ">=1"},
+    "model": {"z_channels": ">=1", "remat": REMAT_CHOICES},
     "loss": {"codebook_weight": ">=0", "disc_weight": ">=0", "disc_start": ">=0",
              "adaptive_weight_max": ">0", "r1_weight": ">=0", "lecam_weight": ">=0",
              "lecam_decay": "[0,1)"},
@@ -363,6 +543,7 @@ def validate_tokenizer_config(c: ml_collections.ConfigDict, num_devices: int,
     check_geometry(m.decoder, c.data.image_size // factor)
   check_batch_split(c, num_devices, process_count,
                     ("train.batch_size", "eval.batch_size", "tokenize.batch_size"))
+  check_grad_accum(c, num_devices, process_count)
   _validate_frozen(c.optim.frozen)
   validate_mesh(c)
   from vqjax.train.loop import validate_guards  # here: loop imports TensorFlow (via clu)

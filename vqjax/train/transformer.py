@@ -32,12 +32,14 @@ from vqjax import registry
 from vqjax.checks import check_table
 from vqjax.console import console
 from vqjax.core import partitioning
-from vqjax.core.partitioning import check_batch_split, validate_mesh
+from vqjax.core.partitioning import check_batch_split, check_grad_accum, validate_mesh
 from vqjax.core.writers import make_writer, write_images
 from vqjax.data.pipeline import pad_batch
+from vqjax.data.rows import process_rows
 from vqjax.data.tokens import TokenStore, TokenStoreError
 from vqjax.errors import ConfigError
 from vqjax.eval.settings import validate_fid_settings
+from vqjax.nn.layers import PRECISIONS, REMAT_CHOICES
 from vqjax.objectives.base import Objective
 from vqjax.ops.images import square_grid, to_uint8
 from vqjax.train import generate
@@ -63,10 +65,12 @@ def make_eval_step(objective: Objective):
 
 
 def token_dataset(config, store: TokenStore, process_index: int = 0, process_count: int = 1):
-  per_process = config.train.batch_size // process_count
-  ds = grain.MapDataset.source(store)[process_index::process_count]
-  ds = ds.shuffle(seed=config.seed).repeat(None)
-  return ds.to_iter_dataset().batch(per_process, drop_remainder=True)
+  """Infinite, shuffled training batches: this process's rows of every global batch
+  (vqjax.data.rows), so P processes together read the 1-process batches."""
+  batch = config.train.batch_size
+  ds = grain.MapDataset.source(store).shuffle(seed=config.seed).repeat(None)
+  ds = process_rows(ds, batch, process_index, process_count)
+  return ds.to_iter_dataset().batch(batch // process_count, drop_remainder=True)
 
 
 def val_batches(config, store: TokenStore, process_index: int = 0, process_count: int = 1):
@@ -134,7 +138,8 @@ def setup(config, devices=None) -> Setup:
                                  jax.random.PRNGKey(config.seed))
   rep = partitioning.replicated(mesh)
   batch_sh = partitioning.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(objective, tx), in_shardings=(shardings, batch_sh),
+  train_step = jax.jit(make_train_step(objective, tx, config.train.get("grad_accum", 1)),
+                       in_shardings=(shardings, batch_sh),
                        out_shardings=(shardings, rep), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(objective),
                       in_shardings=(shardings.params, batch_sh, rep), out_shardings=rep)
@@ -298,6 +303,7 @@ def evaluate(config, workdir: str) -> dict:
 # Ranges and choices of the transformer's fields (vqjax.checks); the FID fields are checked
 # in vqjax/eval/settings.py.
 TRANSFORMER_RULES = {
+    "": {"precision": tuple(PRECISIONS)},
     "train": {"steps": ">=1", "epochs": ">=0", "batch_size": ">=1", "log_every": ">=1",
               "checkpoint_every": ">=1", "keep_checkpoints": ">=1",
               "max_consecutive_nonfinite": ">=1"},
@@ -309,7 +315,7 @@ TRANSFORMER_RULES = {
                "top_p": "(0,1]", "guidance_scale": ">=0"},
     "model": {"width": ">=1", "depth": ">=1", "heads": ">=1", "mlp_dim": ">=1",
               "dropout": "[0,1)", "num_classes": ">=0", "cond_dropout": "[0,1]",
-              "condition": ("class", "semantic_map")},
+              "condition": ("class", "semantic_map"), "remat": REMAT_CHOICES},
     "model.objective": {"label_smoothing": "[0,1)"},
     "optim": {"lr": ">0", "warmup_steps": ">=0", "weight_decay": ">=0", "b1": "[0,1)",
               "b2": "[0,1)", "grad_clip": ">0"},
@@ -333,4 +339,5 @@ def validate_transformer_config(c: ml_collections.ConfigDict, num_devices: int,
   validate_mesh(c)
   check_batch_split(c, num_devices, process_count,
                     ("train.batch_size", "eval.batch_size", "sample.batch_size"))
+  check_grad_accum(c, num_devices, process_count)
   validate_guards(c.train)

@@ -18,7 +18,9 @@ import optax
 
 from vqjax import registry
 from vqjax.core import partitioning, trees
+from vqjax.nn.layers import compute_dtype
 from vqjax.objectives.base import Conditions, Objective
+from vqjax.train import accumulate
 
 
 @flax.struct.dataclass
@@ -44,10 +46,12 @@ def conditions_of(config, condition_shape: tuple[int, ...] | None = None) -> Con
 def build_objective(config, token_shape: tuple[int, ...], codebook_size: int,
                     condition_shape: tuple[int, ...] | None = None) -> Objective:
   """`config.model.objective` for token maps of `token_shape` over `codebook_size` codes
-  (and condition maps of `condition_shape` with model.condition = 'semantic_map')."""
+  (and condition maps of `condition_shape` with model.condition = 'semantic_map'), its model
+  computing in `config.precision`'s dtype (and rematerialised by `config.model.remat`)."""
   return registry.OBJECTIVES.build(config.model.objective, model_config=config.model,
                                    token_shape=tuple(token_shape), codebook_size=codebook_size,
-                                   conditions=conditions_of(config, condition_shape))
+                                   conditions=conditions_of(config, condition_shape),
+                                   dtype=compute_dtype(config.get("precision", "float32")))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -76,13 +80,46 @@ def sharded_init(objective: Objective, tx, config, mesh, rng: jax.Array):
   return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
-def make_train_step(objective: Objective, tx):
+def make_train_step(objective: Objective, tx, grad_accum: int = 1, loop: str = "auto"):
+  """(state, batch) -> (state, metrics). Pure; jit it with shardings.
+
+  `grad_accum` (`config.train.grad_accum`) = k > 1 makes one update from k micro-batches
+  of the batch (`vqjax.train.accumulate`, whose `loop` runs them). The masks and the
+  condition dropout are drawn for the whole batch and split (`Objective.training_draws`),
+  and each micro-batch's summed cross-entropy is divided by the whole batch's count of
+  weighted entries, so loss, accuracy and gradient equal the big batch's up to float
+  rounding (global-norm clipping then sees the big batch's gradient). Dropout inside the
+  transformer draws per micro-batch (its own draws, from the same distribution).
+  """
   def train_step(state: TransformerState, batch) -> tuple[TransformerState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     tokens = objective.flatten(batch["tokens"])
     cond = objective.conditions.from_batch(batch)
+    if grad_accum > 1:
+      return finish(state, *accumulated_loss(state.params, tokens, cond, rng))
     (loss, acc), grads = jax.value_and_grad(objective.loss, has_aux=True)(
         state.params, tokens, cond, rng, True)
+    return finish(state, loss, acc, grads)
+
+  def accumulated_loss(params, tokens, cond, rng):
+    """(loss, accuracy, gradient) of the batch from `grad_accum` micro-batches."""
+    cond, weights, dropout_rng = objective.training_draws(tokens, cond, rng)
+    count = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
+
+    def micro(j, inputs, carry):
+      def loss_fn(p):
+        loss_sum, correct = objective.loss_sums(p, *inputs,
+                                                jax.random.fold_in(dropout_rng, j))
+        return loss_sum / count, correct / count
+
+      (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      return (loss, acc, grads), carry
+
+    total, _ = accumulate.accumulate(
+        micro, accumulate.split((tokens, cond, weights), grad_accum), (), loop)
+    return total
+
+  def finish(state, loss, acc, grads):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = trees.all_finite(loss, grads)
