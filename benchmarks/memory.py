@@ -5,6 +5,11 @@
       --param_sharding=fsdp --precision=bfloat16 --remat=block
   python benchmarks/memory.py --cases=issue  # the matrix of issue 18 (see ISSUE_CASES)
   python benchmarks/memory.py --cases=issue --select=tok256_b8_base,nar_L_b64_base
+  python benchmarks/memory.py --config=configs/demo.py:smoke --devices=2 --batch_per_device=2 \
+      --param_sharding=replicate --param_sharding=fsdp --grad_accum=1 --grad_accum=2
+
+The option flags (--param_sharding, --precision, --remat, --grad_accum) repeat: one case,
+and one line, per combination.
 
 Nothing is allocated for the state: the trainer's own `setup` (vqjax/train/run.py for a
 tokenizer recipe, vqjax/train/transformer.py for a transformer recipe) builds the mesh,
@@ -46,9 +51,18 @@ accelerator's, and `fits_16gib` (peak <= 16 GiB) leaves no room for the runtime'
 XLA CPU also drops the optimisation barriers that `jax.checkpoint` (`model.remat`) puts
 around a recomputed block, and CSE then undoes the recomputation: by default the CPU
 compile of a remat step has the temporaries of the step without it, to the byte. The
-GPU and TPU compilers keep the barriers; so does this benchmark's CPU compile
-(XLA_FLAGS --xla_disable_hlo_passes=cse_barrier_expander, see BARRIER_PASS), and its
-lines say so (`remat_barriers_kept`).
+GPU compiler removes them only after scheduling (and TPU's honour them); this
+benchmark's CPU compile keeps them (XLA_FLAGS --xla_disable_hlo_passes=cse_barrier_expander,
+see BARRIER_PASS), and its lines say so (`remat_barriers_kept`).
+Two effects go the other way and cannot be undone here:
+  - `precision=bfloat16`: XLA CPU has no bf16 matmuls or convolutions; it runs them in
+    float32 (bf16 operands converted, float32 results), so many activations stay float32
+    and the CPU figures overstate a bf16 step's temporaries on GPU/TPU, where the
+    results are bf16.
+  - The GPU compiler rematerialises on its own (HloRematerialization) when a program
+    exceeds a memory limit it derives from the device's memory, trading compute for
+    memory; XLA CPU does not, so a CPU peak over the limit is what the program needs
+    without that pass, not what a GPU would end up allocating.
 """
 
 from __future__ import annotations
@@ -63,15 +77,15 @@ import tempfile
 import time
 
 
-def _preparse(argv: list[str], name: str, default: str) -> str:
-  """The value of `--name=v` / `--name v` in argv, before absl parses it (JAX's device
-  count is fixed when JAX is imported)."""
+def _preparse(argv: list[str], name: str, default: str, boolean: bool = False) -> str:
+  """The value of `--name=v` (or `--name v`; for a boolean `--name`/`--noname`) in argv,
+  before absl parses it: JAX's device count is fixed when JAX is imported."""
   for i, arg in enumerate(argv):
     if arg.startswith(f"--{name}="):
       return arg.split("=", 1)[1]
-    if arg == f"--{name}" and i + 1 < len(argv):
-      return argv[i + 1]
-    if arg == f"--no{name}":
+    if arg == f"--{name}":
+      return "true" if boolean else (argv[i + 1] if i + 1 < len(argv) else default)
+    if boolean and arg == f"--no{name}":
       return "false"
   return default
 
@@ -87,14 +101,14 @@ BARRIER_PASS = "cse_barrier_expander"
 def _fake_devices(argv: list[str]) -> None:
   """JAX_PLATFORMS=cpu and XLA_FLAGS with --devices fake host devices and (unless
   --nokeep_remat_barriers) BARRIER_PASS disabled; nothing with --nocpu."""
-  if _preparse(argv, "cpu", "true").lower() in ("false", "0"):
+  if _preparse(argv, "cpu", "true", boolean=True).lower() in ("false", "0"):
     return
   n = int(_preparse(argv, "devices", "8"))
   os.environ["JAX_PLATFORMS"] = "cpu"
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   flags.append(f"--xla_force_host_platform_device_count={n}")
-  if _preparse(argv, "keep_remat_barriers", "true").lower() not in ("false", "0"):
+  if _preparse(argv, "keep_remat_barriers", "true", boolean=True).lower() not in ("false", "0"):
     disabled = [f for f in flags if f.startswith("--xla_disable_hlo_passes=")]
     if disabled:
       flags.remove(disabled[-1])
@@ -377,7 +391,7 @@ def measure(case: dict) -> dict:
   lowered = step.lower(*args)
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
+  compile_s = time.perf_counter() - start  # lowering included: the step's time to compile
   m = compiled.memory_analysis()
   arguments, outputs = m.argument_size_in_bytes, m.output_size_in_bytes
   temporaries, aliased = m.temp_size_in_bytes, m.alias_size_in_bytes
